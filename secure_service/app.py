@@ -1,0 +1,159 @@
+"""FastAPI application of the secure service.
+
+Endpoints:
+  GET  /healthz          200 once the bundle is loaded and validated
+  GET  /v1/info          protocol, model, bundle hash (public facts only, never secrets)
+  GET  /v1/stats         counters: calls, rows, bytes in/out, rejected requests
+  POST /v1/split/apply   data plane of protocol ``split`` (binary frames, see slip_vllm.core.wire)
+
+Every malformed request answers 4xx and leaves the service healthy: body size is capped before it is
+read, frames are decoded strictly, ids/shapes/values are checked against the bundle, and each
+session's sequence numbers must increase (replays and reordering answer 409).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import threading
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from secure_service.bundle import Bundle
+from secure_service.split_executor import RequestRejected, SplitExecutor
+from slip_vllm.core.wire import WireError, decode_request, encode_reply
+
+log = logging.getLogger("slip.service")
+OCTET = "application/octet-stream"
+MAX_SESSIONS = 4096
+
+
+class SessionGuard:
+    """Refuses replayed or out-of-order frames: seq must strictly increase within a session."""
+
+    def __init__(self) -> None:
+        self._last: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def admit(self, session: int, seq: int) -> bool:
+        with self._lock:
+            last = self._last.get(session)
+            if last is not None and seq <= last:
+                return False
+            self._last[session] = seq
+            self._last.move_to_end(session)
+            while len(self._last) > MAX_SESSIONS:
+                self._last.popitem(last=False)
+            return True
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.rows = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rejected = 0
+        self.compute_s = 0.0
+        self.started = time.time()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"calls": self.calls, "rows": self.rows, "bytes_in": self.bytes_in,
+                    "bytes_out": self.bytes_out, "rejected": self.rejected,
+                    "compute_s": round(self.compute_s, 6), "uptime_s": round(time.time() - self.started, 3)}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 20) -> FastAPI:
+    app = FastAPI(title="SLIP secure service", docs_url=None, redoc_url=None, openapi_url=None)
+    executor = SplitExecutor(bundle)
+    sessions = SessionGuard()
+    stats = Stats()
+    info = bundle.info()
+
+    def reject(status: int, message: str) -> JSONResponse:
+        with stats.lock:
+            stats.rejected += 1
+        return _error(status, message)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    def v1_info() -> dict:
+        return info
+
+    @app.get("/v1/stats")
+    def v1_stats() -> dict:
+        return stats.snapshot()
+
+    @app.post("/v1/split/apply")
+    async def split_apply(request: Request) -> Response:
+        if token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return reject(401, "missing or wrong bearer token")
+        if bundle.protocol != "split":
+            return reject(403, f"this bundle uses protocol {bundle.protocol!r}; the split data plane is closed")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > max_body_bytes:
+                    return reject(413, f"body of {declared} bytes exceeds the {max_body_bytes}-byte limit")
+            except ValueError:
+                return reject(400, "bad Content-Length")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                return reject(413, f"body exceeds the {max_body_bytes}-byte limit")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            frame = decode_request(body)
+        except WireError as exc:
+            return reject(400, f"bad frame: {exc}")
+        if not sessions.admit(frame.session, frame.seq):
+            return reject(409, f"replayed or out-of-order frame (session {frame.session:#x}, seq {frame.seq})")
+        started = time.perf_counter()
+        try:
+            result = await run_in_threadpool(executor.run, frame)
+        except RequestRejected as exc:
+            return reject(exc.status, str(exc))
+        reply = encode_reply(result)
+        with stats.lock:
+            stats.calls += 1
+            stats.rows += int(frame.payload.shape[0])
+            stats.bytes_in += len(body)
+            stats.bytes_out += len(reply)
+            stats.compute_s += time.perf_counter() - started
+        return Response(content=reply, media_type=OCTET)
+
+    return app
+
+
+def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = 8400, *, token: str = "",
+          max_body_bytes: int = 256 << 20, threads: int = 0, log_level: str = "info") -> None:
+    """Load and validate the bundle, then serve until interrupted."""
+    import torch
+    import uvicorn
+
+    from secure_service.bundle import load_bundle
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    bundle = load_bundle(bundle_dir)
+    log.info("bundle %s: %d secret tensors, protocol %s, manifest %s", bundle_dir, len(bundle.tensors),
+             bundle.protocol, bundle.manifest_sha256[:16])
+    app = create_app(bundle, token=token, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=False)

@@ -1,0 +1,362 @@
+"""Prime-field arithmetic for protocol ``shielded``: primes and the exact mod-p GEMM.
+
+What this module owns
+---------------------
+* ``is_prime`` (deterministic Miller-Rabin) and ``choose_prime`` (the smallest prime above a
+  bound, below 2^40), plus ``min_modulus`` (the bound 2*n*max|W_q|*max|x_q| of the brief);
+* ``field_matmul(x_masked, w_q, p)``: ``(x_masked @ w_q.T) mod p`` in [0, p), exact, on the device
+  of the inputs, with one backend per device;
+* ``FieldWeight``: a weight prepared once (packed / transposed per backend, plus a per-channel
+  correction vector), because the host multiplies the same weight at every step.
+
+Where it runs and what it holds
+-------------------------------
+This code is the host's half of ``shielded``: it runs on the untrusted host (vLLM's process, the
+GPU).  It sees only public data: the int8 weight W_q (public by the protocol's threat model; the
+per-channel scales stay with the service and are not needed here), the public prime p, and masked
+activations X~ that are uniform in Z_p.  It holds no secret and needs none; nothing here may ever
+receive a mask r, the Freivalds vector u or an unmasked activation.
+
+Exactness argument (read this before the code)
+----------------------------------------------
+Inputs: 0 <= x < p < 2^40, w in [-128, 127] (int8, so |w| <= 2^7), n <= MAX_N = 2^16 terms.
+
+* ``reference``: Python big integers; exact by construction (tests only).
+* ``cpu_int8`` and ``triton`` (CUDA) use balanced base-256 digits.  With L = ceil(bits(p-1)/8)
+  <= 5 limbs, write the bytes of x as b_j in [0, 256) and d_j = b_j - 128 in [-128, 127] (the int8
+  reinterpretation of b_j XOR 0x80).  Then x = sum_j 256^j d_j + c_L with c_L = 128*sum_j 256^j, so
+      W x = sum_j 256^j (W d_j) + c_L * rowsum(W).
+  - each limb product W d_j is an int8 x int8 GEMM with int32 accumulation: every term has
+    |w*d| <= 2^14, so every partial sum, in any order, has |.| <= n*2^14 <= 2^30 < 2^31: no
+    int32 overflow, whatever order the library or the tensor cores add in;
+  - the limbs are recombined in int64: |sum_j 256^j acc_j| <= 2^30 * (2^40-1)/255 < 2^62.01 < 2^63;
+    with split-K, the partial recombinations of disjoint K ranges add up to the same bounded total;
+  - the correction c_L*rowsum(W) mod p is precomputed per output channel (|rowsum| <= 2^23, and
+    c_L mod p is split in two 20-bit halves so no int64 product exceeds 2^43), then one reduction
+    mod p maps the result to [0, p).
+* ``f64`` (any device): x = a + 2^20 b with a, b in [0, 2^20); the two float64 GEMMs see only
+  integers and every partial sum has |.| <= n * 2^7 * (2^20 - 1) < 2^43 < 2^53, so each is exact in
+  float64 whatever the summation order; (A mod p) + ((B mod p) << 20) < 2^61 in int64.
+* ``naive_int8`` (any device; a baseline): the same limbs as ``cpu_int8``, one library int8 GEMM per
+  limb and int64 element-wise recombination; the same bounds hold.
+
+The bounds need n <= 2^16 (the largest Llama-family inner dimension is 53248); larger n raises.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field as _dc_field
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+__all__ = [
+    "MAX_P",
+    "MAX_N",
+    "is_prime",
+    "choose_prime",
+    "min_modulus",
+    "limb_count",
+    "FieldWeight",
+    "field_matmul",
+    "field_matmul_reference",
+    "reference_entries",
+    "available_backends",
+    "default_backend",
+]
+
+MAX_P = 1 << 40  # p must be below this
+MAX_N = 1 << 16  # inner dimension bound of the exactness argument
+
+# ---------------------------------------------------------------------------------------------
+# primes
+# ---------------------------------------------------------------------------------------------
+
+_SMALL_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+# Miller-Rabin with the first 13 primes as bases is deterministic for n < 3.317e24 (Sorenson and
+# Webster 2015); 2^40 is far inside.
+_MR_DETERMINISTIC_LIMIT = 3317044064679887385961981
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic primality test (Miller-Rabin with fixed bases) for 0 <= n < 3.3e24."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"is_prime expects an int, got {type(n).__name__}")
+    if n < 2:
+        return False
+    if n >= _MR_DETERMINISTIC_LIMIT:
+        raise ValueError("is_prime is deterministic only below 3.317e24")
+    for q in _SMALL_PRIMES:
+        if n % q == 0:
+            return n == q
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    for a in _SMALL_PRIMES:
+        y = pow(a, d, n)
+        if y == 1 or y == n - 1:
+            continue
+        for _ in range(s - 1):
+            y = y * y % n
+            if y == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def choose_prime(bound: int) -> int:
+    """The smallest prime p > bound; raises ValueError if p would not be below 2^40."""
+    if isinstance(bound, bool) or not isinstance(bound, int):
+        raise TypeError(f"choose_prime expects an int bound, got {type(bound).__name__}")
+    if bound < 1:
+        bound = 1
+    if bound >= MAX_P - 1:
+        raise ValueError(f"no prime above {bound} below 2^40: the field GEMM supports p < 2^40")
+    c = bound + 1
+    if c > 2 and c % 2 == 0:
+        c += 1
+    while c < MAX_P:
+        if is_prime(c):
+            return c
+        c += 1 if c == 2 else 2
+    raise ValueError(f"no prime above {bound} below 2^40: the field GEMM supports p < 2^40")
+
+
+def min_modulus(n: int, max_abs_w: int, max_abs_x: int) -> int:
+    """2*n*max|W_q|*max|x_q|: p must exceed this so the centered lift of W_q x_q is exact."""
+    if min(n, max_abs_w, max_abs_x) < 0:
+        raise ValueError("min_modulus takes non-negative sizes and magnitudes")
+    return 2 * int(n) * int(max_abs_w) * int(max_abs_x)
+
+
+def limb_count(p: int) -> int:
+    """Number of 8-bit limbs that hold every element of Z_p (1..5 for p < 2^40)."""
+    return max(1, ((int(p) - 1).bit_length() + 7) // 8)
+
+
+def _check_p(p: int, *, primality: bool = True) -> int:
+    if isinstance(p, bool) or not isinstance(p, int):
+        raise TypeError(f"p must be an int, got {type(p).__name__}")
+    if not 2 <= p < MAX_P:
+        raise ValueError(f"p={p} out of range: need 2 <= p < 2^40")
+    if primality and not is_prime(p):
+        raise ValueError(f"p={p} is not prime")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# prepared weight
+# ---------------------------------------------------------------------------------------------
+
+
+def _mod_mul_small(a: torch.Tensor, c: int, p: int) -> torch.Tensor:
+    """(a * c) mod p in [0, p) for int64 a with |a| < 2^23 and 0 <= c < 2^40, without overflow."""
+    c_hi, c_lo = c >> 20, c & ((1 << 20) - 1)
+    hi = torch.remainder(a * c_hi, p)  # |a*c_hi| < 2^43
+    return torch.remainder(hi * (1 << 20) + a * c_lo, p)  # < 2^60 + 2^43
+
+
+@dataclass
+class FieldWeight:
+    """An int8 weight W_q [m, n] and a prime p, prepared once for repeated ``field_matmul``.
+
+    Holds the per-channel correction (c_L * rowsum(W)) mod p of the balanced-limb backends and
+    caches each backend's packed form of W (e.g. the transposed copy that the CPU int8 GEMM reads
+    fastest, or the float64 copy of the ``f64`` backend) on first use.
+    """
+
+    w_q: torch.Tensor
+    p: int
+    _cache: Dict[str, object] = _dc_field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_p(self.p)
+        w = self.w_q
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
+            raise TypeError("w_q must be a 2-D torch.int8 tensor [m, n]")
+        if w.shape[1] > MAX_N:
+            raise ValueError(f"inner dimension n={w.shape[1]} exceeds MAX_N={MAX_N}")
+        self.w_q = w.contiguous()
+        self.m, self.n = (int(s) for s in w.shape)
+        self.L = limb_count(self.p)
+        self.device = w.device
+        rowsum = self.w_q.sum(dim=1, dtype=torch.int64)  # |.| <= 2^23
+        c_l = (128 * sum(256**j for j in range(self.L))) % self.p
+        self.offset = _mod_mul_small(rowsum, c_l, self.p)  # int64 [m], in [0, p)
+
+    def packed(self, key: str, make: Callable[[], object]) -> object:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def matmul(self, x_masked: torch.Tensor, *, backend: Optional[str] = None, **kw) -> torch.Tensor:
+        return field_matmul(x_masked, self, self.p, backend=backend, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
+
+
+def field_matmul_reference(x_masked: torch.Tensor, w_q: torch.Tensor, p: int) -> torch.Tensor:
+    """Pure-Python big-integer reference (slow: tests only). Returns int64 [T, m] on x's device."""
+    xs = x_masked.detach().cpu().tolist()
+    ws = w_q.detach().cpu().tolist()
+    out = [[sum(a * b for a, b in zip(xr, wr)) % p for wr in ws] for xr in xs]
+    return torch.tensor(out, dtype=torch.int64).reshape(len(xs), len(ws)).to(x_masked.device)
+
+
+def reference_entries(x_masked: torch.Tensor, w_q: torch.Tensor, p: int, rows, cols) -> list:
+    """Big-integer values of selected output entries (rows[i], cols[i]): for spot checks."""
+    out = []
+    for t, i in zip(rows, cols):
+        xr = x_masked[int(t)].detach().cpu().tolist()
+        wr = w_q[int(i)].detach().cpu().tolist()
+        out.append(sum(a * b for a, b in zip(xr, wr)) % p)
+    return out
+
+
+def _balanced_limbs(x: torch.Tensor, L: int) -> torch.Tensor:
+    """int64 [T, n] in [0, 256^L) -> int8 [L, T, n], limb j = byte_j(x) - 128."""
+    T, n = x.shape
+    if sys.byteorder == "little" and not x.is_cuda:
+        # byte j of every element, copied into plane j (a fresh buffer: x is never written),
+        # then XOR 0x80 turns byte b into the int8 b - 128
+        xb = x.contiguous().view(torch.uint8).view(T, n, 8)
+        out = torch.empty((L, T, n), dtype=torch.uint8)
+        for j in range(L):
+            out[j].copy_(xb[:, :, j])
+        return out.bitwise_xor_(0x80).view(torch.int8)
+    return torch.stack([(((x >> (8 * j)) & 255) - 128).to(torch.int8) for j in range(L)])
+
+
+def _recombine(acc: torch.Tensor, offset: torch.Tensor, p: int) -> torch.Tensor:
+    """acc int32 [L, T, m] of limb products -> (sum_j 256^j acc_j + offset) mod p, int64 [T, m]."""
+    L = acc.shape[0]
+    tot = acc[L - 1].to(torch.int64)
+    for j in range(L - 2, -1, -1):  # Horner; every intermediate is within the final bound
+        tot.mul_(256).add_(acc[j])
+    return torch.remainder(tot + offset, p)  # (out-of-place broadcast add: faster on CPU)
+
+
+def _cpu_int8(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:
+    T = x.shape[0]
+    wt = fw.packed("cpu_int8", lambda: fw.w_q.t().contiguous())  # [n, m]
+    limbs = _balanced_limbs(x, fw.L).view(fw.L * T, fw.n)
+    acc = torch._int_mm(limbs, wt).view(fw.L, T, fw.m)  # one GEMM: W read once for all limbs
+    return _recombine(acc, fw.offset, fw.p)
+
+
+def _naive_int8(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:
+    """Baseline: one library int8 GEMM per limb + int64 element-wise work."""
+    T = x.shape[0]
+    wt = fw.w_q.t()  # column-major view of W^T: the layout cuBLAS int8 wants
+    tot = torch.zeros((T, fw.m), dtype=torch.int64, device=x.device)
+    Tp = T
+    if x.is_cuda:  # cuBLAS int8 path of torch._int_mm wants more than 16 rows, multiples of 8
+        Tp = max(32, (T + 7) // 8 * 8)
+    for j in range(fw.L):
+        limb = (((x >> (8 * j)) & 255) - 128).to(torch.int8)
+        if Tp != T:
+            limb = torch.nn.functional.pad(limb, (0, 0, 0, Tp - T))
+        acc = torch._int_mm(limb, wt)[:T]
+        tot += acc.to(torch.int64) << (8 * j)
+    return torch.remainder(tot + fw.offset, fw.p)
+
+
+def _f64(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:
+    T = x.shape[0]
+    wt = fw.packed("f64", lambda: fw.w_q.t().to(torch.float64).contiguous())  # [n, m]
+    a = torch.cat([x & ((1 << 20) - 1), x >> 20]).to(torch.float64)  # [2T, n], limbs < 2^20
+    prod = torch.matmul(a, wt).to(torch.int64)  # exact: |partial| < 2^43
+    lo = torch.remainder(prod[:T], fw.p)
+    hi = torch.remainder(prod[T:], fw.p)
+    return torch.remainder(lo + (hi << 20), fw.p)
+
+
+def _triton(x: torch.Tensor, fw: FieldWeight, **kw) -> torch.Tensor:
+    from slip_vllm.core import field_kernels_cuda as fk  # lazy: CPU machines never import triton
+
+    return fk.field_matmul_triton(x, fw, **kw)
+
+
+def _reference(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:
+    return field_matmul_reference(x, fw.w_q, fw.p)
+
+
+_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {
+    "reference": _reference,
+    "cpu_int8": _cpu_int8,
+    "naive_int8": _naive_int8,
+    "f64": _f64,
+    "triton": _triton,
+}
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def available_backends(device: Union[str, torch.device]) -> list:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        names = ["naive_int8", "f64", "reference"]
+        return (["triton"] if _triton_available() else []) + names
+    return ["cpu_int8", "naive_int8", "f64", "reference"]
+
+
+def default_backend(device: Union[str, torch.device]) -> str:
+    """Fastest exact backend for the device (measured: see docs/BENCHMARKS.md)."""
+    return available_backends(device)[0]
+
+
+def field_matmul(
+    x_masked: torch.Tensor,
+    w_q: Union[torch.Tensor, FieldWeight],
+    p: int,
+    *,
+    backend: Optional[str] = None,
+    validate: bool = False,
+    **backend_kw,
+) -> torch.Tensor:
+    """``(x_masked @ w_q.T) mod p`` in [0, p), exact.
+
+    x_masked: int64 [T, n] (or [n]) with values in [0, p); w_q: int8 [m, n] or a ``FieldWeight``
+    prepared for the same p; both on one device.  Returns int64 [T, m] (or [m]) on that device.
+    backend: None picks by device (CUDA: the fused Triton kernel; CPU: one int8 GEMM over stacked
+    limbs); "reference", "cpu_int8", "naive_int8", "f64", "triton" force one.  validate=True also
+    checks the value range of x (costs a device sync).
+    """
+    fw = w_q if isinstance(w_q, FieldWeight) else FieldWeight(w_q, p)
+    if fw.p != p:
+        raise ValueError(f"FieldWeight was prepared for p={fw.p}, called with p={p}")
+    if not isinstance(x_masked, torch.Tensor) or x_masked.dtype != torch.int64:
+        raise TypeError("x_masked must be a torch.int64 tensor")
+    squeeze = x_masked.dim() == 1
+    x = x_masked.unsqueeze(0) if squeeze else x_masked
+    if x.dim() != 2 or x.shape[1] != fw.n:
+        raise ValueError(f"x_masked must be [T, {fw.n}], got {tuple(x_masked.shape)}")
+    if x.device != fw.w_q.device:
+        raise ValueError(f"x_masked on {x.device} but weight on {fw.w_q.device}")
+    if validate and x.numel() and (int(x.min()) < 0 or int(x.max()) >= p):
+        raise ValueError("x_masked has values outside [0, p)")
+    name = backend or default_backend(x.device)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(_BACKENDS)}")
+    if name == "triton" and not x.is_cuda:
+        raise ValueError("backend 'triton' needs CUDA tensors")
+    if name == "cpu_int8" and x.is_cuda:
+        raise ValueError("backend 'cpu_int8' needs CPU tensors")
+    if x.shape[0] == 0:
+        out = torch.empty((0, fw.m), dtype=torch.int64, device=x.device)
+    else:
+        x = x.contiguous()
+        out = _BACKENDS[name](x, fw, **backend_kw) if backend_kw else _BACKENDS[name](x, fw)
+    return out[0] if squeeze else out

@@ -1,0 +1,274 @@
+"""Triton kernels of ``field_matmul`` on CUDA (imported lazily by ``slip_vllm.core.field``).
+
+One GEMM kernel computes, for a tile of BLOCK_M output channels x BLOCK_T tokens,
+    acc_j = W_tile . d_j^T      (int8 x int8 -> int32 on the tensor cores, one product per limb)
+for the L balanced limbs d_j = byte_j(x) - 128 of the masked activations, reading each weight tile
+once from memory for all limbs, and in its epilogue recombines sum_j 256^j acc_j in int64, adds
+the per-channel correction and reduces mod p.  The exactness argument is in ``field.py``.
+
+Two ways to feed the limbs (``KernelConfig.fused``):
+* fused=True: the kernel loads X~ as int64 and splits it into limbs in registers on the fly
+  (low word XOR 0x80808080 gives limbs 0..3 as its bytes, the high word XOR 0x80 gives limb 4);
+* fused=False: a memory-bound pre-pass writes the limb planes int8 [L, T, n] once (5 bytes per
+  element instead of 8, and no integer work in the GEMM's inner loop), then the GEMM loads them.
+The operands are in the layout that int8 tensor-core products want: W [m, n] and the limbs
+[T, n] both K-contiguous ("second operand column-major").  Small T uses split-K so that enough
+thread blocks stream the weight; the partial int64 sums are added and reduced by a second kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LO_XOR = -2139062144  # 0x80808080 as a signed int32
+
+
+@triton.jit
+def _split_limbs_kernel(X, XL, numel, plane, L: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X + offs, mask=mask, other=0)
+    lo = x.to(tl.int32) ^ -2139062144
+    tl.store(XL + offs, lo.to(tl.int8), mask=mask)
+    if L > 1:
+        tl.store(XL + plane + offs, (lo >> 8).to(tl.int8), mask=mask)
+    if L > 2:
+        tl.store(XL + 2 * plane + offs, (lo >> 16).to(tl.int8), mask=mask)
+    if L > 3:
+        tl.store(XL + 3 * plane + offs, (lo >> 24).to(tl.int8), mask=mask)
+    if L > 4:
+        hi = (x >> 32).to(tl.int32) ^ 128
+        tl.store(XL + 4 * plane + offs, hi.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _field_gemm_kernel(
+    X, W, OUT, OFF,
+    T, M, N, p,
+    stride_xt, stride_xl, stride_wm, stride_ot, stride_os,
+    K_PER_SPLIT,
+    L: tl.constexpr, FUSED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_t = tl.cdiv(T, BLOCK_T)
+    in_group = GROUP_M * num_t
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_size)
+    pid_t = (pid % in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_t = offs_t < T
+    k0 = pid_k * K_PER_SPLIT
+    w_ptrs = W + offs_m[:, None] * stride_wm + (k0 + offs_k)[None, :]
+    x_ptrs = X + offs_t[:, None] * stride_xt + (k0 + offs_k)[None, :]
+
+    acc0 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    acc4 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        if EVEN_K:
+            wmask = mask_m[:, None]
+            xmask = mask_t[:, None]
+        else:
+            kmask = (k0 + kk + offs_k) < N
+            wmask = mask_m[:, None] & kmask[None, :]
+            xmask = mask_t[:, None] & kmask[None, :]
+        w = tl.load(w_ptrs, mask=wmask, other=0)
+        if FUSED:
+            x = tl.load(x_ptrs, mask=xmask, other=0)
+            lo = x.to(tl.int32) ^ -2139062144
+            acc0 = tl.dot(w, tl.trans(lo.to(tl.int8)), acc0, out_dtype=tl.int32)
+            if L > 1:
+                acc1 = tl.dot(w, tl.trans((lo >> 8).to(tl.int8)), acc1, out_dtype=tl.int32)
+            if L > 2:
+                acc2 = tl.dot(w, tl.trans((lo >> 16).to(tl.int8)), acc2, out_dtype=tl.int32)
+            if L > 3:
+                acc3 = tl.dot(w, tl.trans((lo >> 24).to(tl.int8)), acc3, out_dtype=tl.int32)
+            if L > 4:
+                hi = ((x >> 32).to(tl.int32) ^ 128).to(tl.int8)
+                acc4 = tl.dot(w, tl.trans(hi), acc4, out_dtype=tl.int32)
+        else:
+            d0 = tl.load(x_ptrs, mask=xmask, other=0)
+            acc0 = tl.dot(w, tl.trans(d0), acc0, out_dtype=tl.int32)
+            if L > 1:
+                d1 = tl.load(x_ptrs + stride_xl, mask=xmask, other=0)
+                acc1 = tl.dot(w, tl.trans(d1), acc1, out_dtype=tl.int32)
+            if L > 2:
+                d2 = tl.load(x_ptrs + 2 * stride_xl, mask=xmask, other=0)
+                acc2 = tl.dot(w, tl.trans(d2), acc2, out_dtype=tl.int32)
+            if L > 3:
+                d3 = tl.load(x_ptrs + 3 * stride_xl, mask=xmask, other=0)
+                acc3 = tl.dot(w, tl.trans(d3), acc3, out_dtype=tl.int32)
+            if L > 4:
+                d4 = tl.load(x_ptrs + 4 * stride_xl, mask=xmask, other=0)
+                acc4 = tl.dot(w, tl.trans(d4), acc4, out_dtype=tl.int32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    # epilogue: sum_j 256^j acc_j (|.| < 2^62.01, exact in int64)
+    tot = acc0.to(tl.int64)
+    if L > 1:
+        tot += acc1.to(tl.int64) << 8
+    if L > 2:
+        tot += acc2.to(tl.int64) << 16
+    if L > 3:
+        tot += acc3.to(tl.int64) << 24
+    if L > 4:
+        tot += acc4.to(tl.int64) << 32
+    out_ptrs = OUT + pid_k * stride_os + offs_t[None, :] * stride_ot + offs_m[:, None]
+    omask = mask_m[:, None] & mask_t[None, :]
+    if not PARTIAL:
+        off = tl.load(OFF + offs_m, mask=mask_m, other=0)
+        r = tot % p  # in (-p, p) under either sign convention
+        r = r + off[:, None]  # in (-p, 2p)
+        r = tl.where(r < 0, r + p, r)
+        r = tl.where(r >= p, r - p, r)
+        tl.store(out_ptrs, r, mask=omask)
+    else:
+        tl.store(out_ptrs, tot, mask=omask)
+
+
+@triton.jit
+def _finalize_kernel(P, OUT, OFF, numel, M, p, stride_s, split, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    tot = tl.load(P + offs, mask=mask, other=0)
+    for s in range(1, split):
+        tot += tl.load(P + s * stride_s + offs, mask=mask, other=0)
+    off = tl.load(OFF + offs % M, mask=mask, other=0)
+    r = tot % p + off
+    r = tl.where(r < 0, r + p, r)
+    r = tl.where(r >= p, r - p, r)
+    tl.store(OUT + offs, r, mask=mask)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int = 128
+    block_t: int = 64
+    block_k: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    group_m: int = 8
+    split_k: int = 0  # 0: choose so that about two waves of thread blocks run
+    fused: bool = True
+
+    def short(self) -> str:
+        return (f"{'F' if self.fused else 'P'}{self.block_m}x{self.block_t}x{self.block_k}"
+                f"w{self.num_warps}s{self.num_stages}k{self.split_k}")
+
+
+# Candidates swept by ``benchmarks/bench_field_gemm.py --tune``.
+CANDIDATES = [
+    KernelConfig(64, 16, 128, 4, 4, 8, 0, True),
+    KernelConfig(64, 16, 256, 4, 3, 8, 0, True),
+    KernelConfig(128, 16, 128, 4, 4, 8, 0, True),
+    KernelConfig(64, 32, 128, 4, 4, 8, 0, True),
+    KernelConfig(128, 32, 128, 8, 4, 8, 0, True),
+    KernelConfig(128, 64, 128, 8, 3, 8, 0, True),
+    KernelConfig(128, 64, 64, 8, 4, 8, 0, True),
+    KernelConfig(64, 64, 128, 4, 3, 8, 0, True),
+    KernelConfig(256, 32, 128, 8, 3, 8, 0, True),
+]
+CANDIDATES += [replace(c, fused=False) for c in CANDIDATES]
+
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def pick_config(T: int, m: int, n: int) -> KernelConfig:
+    """Default tile shapes by token count (from the sweep recorded in docs/BENCHMARKS.md)."""
+    if T <= 16:
+        return KernelConfig(64, 16, 128, 4, 4, 8, 0, True)
+    if T <= 32:
+        return KernelConfig(64, 32, 128, 4, 4, 8, 0, True)
+    if T <= 128:
+        return KernelConfig(128, 32, 128, 8, 4, 8, 0, True)
+    return KernelConfig(128, 64, 128, 8, 3, 8, 0, True)
+
+
+def _split_k(cfg: KernelConfig, T: int, m: int, n: int, sms: int) -> int:
+    k_tiles = triton.cdiv(n, cfg.block_k)
+    if cfg.split_k:
+        s = cfg.split_k
+    else:
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t)
+        s = 1
+        if tiles < sms:  # under one wave: split K until about two waves, keeping >= 4 K steps
+            s = max(1, min((2 * sms + tiles - 1) // tiles, k_tiles // 4))
+    return max(1, min(s, k_tiles))
+
+
+def split_limbs(x: torch.Tensor, L: int) -> torch.Tensor:
+    """int64 [T, n] -> int8 limb planes [L, T, n] (limb j = byte_j(x) - 128)."""
+    T, n = x.shape
+    xl = torch.empty((L, T, n), dtype=torch.int8, device=x.device)
+    numel = T * n
+    BLOCK = 2048
+    _split_limbs_kernel[(triton.cdiv(numel, BLOCK),)](x, xl, numel, numel, L=L, BLOCK=BLOCK, num_warps=4)
+    return xl
+
+
+def field_matmul_triton(x: torch.Tensor, fw, config: Optional[KernelConfig] = None) -> torch.Tensor:
+    """(x @ fw.w_q.T) mod fw.p for CUDA int64 x [T, n]; returns int64 [T, m]."""
+    T, n = x.shape
+    m, L, p = fw.m, fw.L, fw.p
+    w = fw.w_q
+    off = fw.offset
+    if T == 0:
+        return torch.empty((0, m), dtype=torch.int64, device=x.device)
+    # keep every element offset inside int32 (the kernels index with 32-bit arithmetic)
+    limit = 2**31 - 1
+    rows = max(1, min(T, limit // max(n * L, m * triton.cdiv(n, 16))))
+    if rows < T:
+        return torch.cat([field_matmul_triton(x[i:i + rows], fw, config) for i in range(0, T, rows)])
+    cfg = config or pick_config(T, m, n)
+    split = _split_k(cfg, T, m, n, _sm_count(x.device))
+    k_tiles = triton.cdiv(n, cfg.block_k)
+    k_per = triton.cdiv(k_tiles, split) * cfg.block_k
+    split = triton.cdiv(n, k_per)
+    even_k = (n % cfg.block_k == 0) and (k_per * split == n)
+    if cfg.fused:
+        xin, stride_xl = x, 0
+    else:
+        xin = split_limbs(x, L)
+        stride_xl = T * n
+    out = torch.empty((T, m), dtype=torch.int64, device=x.device)
+    dst = out if split == 1 else torch.empty((split, T, m), dtype=torch.int64, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t), split)
+    _field_gemm_kernel[grid](
+        xin, w, dst, off, T, m, n, p,
+        n, stride_xl, w.stride(0), m, T * m,
+        k_per,
+        L=L, FUSED=cfg.fused, PARTIAL=split > 1, EVEN_K=even_k,
+        BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        numel = T * m
+        BLOCK = 1024
+        _finalize_kernel[(triton.cdiv(numel, BLOCK),)](
+            dst, out, off, numel, m, p, T * m, split, BLOCK=BLOCK, num_warps=4)
+    return out

@@ -1,0 +1,198 @@
+"""The ``slip`` load format: loads the public residual and binds every protected layer to its
+secret counterpart in the secure service.
+
+Steps (``vllm serve OUT/public --load-format slip``):
+  1. read and verify the public manifest (its hash must match config.json's quantization_config);
+  2. contact the secure service (``SLIP_SERVICE_URL`` or ``--model-loader-extra-config
+     '{"service_url": ...}'``) and check it holds the bundle paired with this manifest; fail start-up
+     with instructions otherwise;
+  3. let vLLM load the public safetensors as usual, while recording which checkpoint tensor each
+     layer's weight loader received and with which shard id (this is how fused QKV / gate_up rows
+     map to manifest tensors, for any architecture, without per-model name tables);
+  4. validate strictly: every protected tensor must land in a SLIP layer with the manifest's shape,
+     every fused layer must be covered entirely, and then each layer's plan is marked ready.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import httpx
+from vllm.model_executor.model_loader import DefaultModelLoader
+
+from slip_vllm.core.manifest import ManifestError, read_public_manifest
+from slip_vllm.host import client as client_mod
+from slip_vllm.host import ops
+from slip_vllm.settings import settings
+
+log = logging.getLogger("slip.host")
+EXTRA_KEYS = {"service_url", "service_token_env"}
+SHARD_ORDER = {"q": 0, "k": 1, "v": 2}
+
+
+class SlipLoadError(RuntimeError):
+    pass
+
+
+def check_service(url: str, manifest_sha256: str, wait_s: float, token: str = "") -> dict:
+    """Wait for the service and check it holds the bundle paired with this artifact."""
+    deadline = time.monotonic() + wait_s
+    last = None
+    while True:
+        try:
+            with httpx.Client(base_url=url, timeout=5.0) as http:
+                info = http.get("/v1/info").json()
+            break
+        except (httpx.HTTPError, ValueError) as exc:
+            last = exc
+            if time.monotonic() >= deadline:
+                raise SlipLoadError(
+                    f"the SLIP secure service at {url} is not reachable ({last}). Start it first with "
+                    f"`slip secure-service --bundle OUT_DIR/secret`, or point vLLM at it with "
+                    f"SLIP_SERVICE_URL=... or --model-loader-extra-config '{{\"service_url\": \"...\"}}'."
+                ) from None
+            time.sleep(0.5)
+    if info.get("public_manifest_sha256") != manifest_sha256:
+        raise SlipLoadError(
+            f"the secure service at {url} holds a bundle for another artifact (manifest "
+            f"{str(info.get('public_manifest_sha256'))[:16]}..., this model needs {manifest_sha256[:16]}...). "
+            f"Start the service with the OUT_DIR/secret written by the same `slip protect` run."
+        )
+    if info.get("protocol") != "split":
+        raise SlipLoadError(f"the service runs protocol {info.get('protocol')!r}; this artifact needs 'split'")
+    return info
+
+
+def _row_order(shard_id) -> int:
+    if shard_id is None:
+        return 0
+    if isinstance(shard_id, str):
+        if shard_id not in SHARD_ORDER:
+            raise SlipLoadError(f"unexpected shard id {shard_id!r}")
+        return SHARD_ORDER[shard_id]
+    if isinstance(shard_id, int):
+        return shard_id
+    raise SlipLoadError(f"unsupported shard id {shard_id!r} (tuple shard ids are not supported)")
+
+
+def finalize_plans(model, manifest, instance_id: str) -> int:
+    """Turn the recorded (shard id, checkpoint name) pairs into tensor-id plans; returns how many
+    layers are protected."""
+    by_name = manifest.by_name()
+    bound: dict[str, str] = {}
+    protected_layers = 0
+    slip_modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "slip_plan")]
+    seen: set[int] = set()
+    for name, module in slip_modules:
+        if id(module) in seen:
+            continue  # GPT-2 uses one module as embedding and LM head
+        seen.add(id(module))
+        plan: ops.LayerPlan = module.slip_plan
+        source = plan.tied_to if plan.tied_to is not None else plan
+        entries = []
+        for shard_id, ckpt_name in sorted(source.loaded, key=lambda item: _row_order(item[0])):
+            entry = by_name[ckpt_name]
+            entries.append((shard_id, entry))
+            bound[ckpt_name] = name
+        orders = [_row_order(s) for s, _ in entries]
+        if len(set(orders)) != len(orders):
+            raise SlipLoadError(f"layer {name} received the same shard twice: {source.loaded}")
+        if plan.kind == "linear":
+            widths = [e.shape[0] for _, e in entries]
+            if entries and sum(widths) != plan.local_width:
+                raise SlipLoadError(f"layer {name}: protected rows {widths} do not cover its {plan.local_width} "
+                                    f"outputs (partly protected fused layers are not supported)")
+        plan.tensor_ids = tuple(e.id for _, e in entries)
+        plan.secret_width = sum(e.shape[0] for _, e in entries)
+        if plan.kind == "embedding" and entries:
+            plan.secret_width = entries[0][1].shape[1]
+        plan.instance_id = plan.instance_id or instance_id
+        plan.ready = True
+        logits_plan = getattr(module, "slip_logits_plan", None)
+        if logits_plan is not None:
+            logits_plan.tensor_ids = plan.tensor_ids
+            logits_plan.secret_width = entries[0][1].shape[0] if entries else 0
+            logits_plan.instance_id = logits_plan.instance_id or instance_id
+            logits_plan.ready = True
+        protected_layers += bool(entries)
+    missing = [t.name for t in manifest.tensors if t.name not in bound]
+    if missing:
+        # vLLM drops some checkpoint tensors it does not use (e.g. BERT's pooler for embeddings);
+        # those cannot affect outputs. Anything else would have been caught below as unsupported.
+        log.warning("protected tensors not used by this vLLM model: %s", ", ".join(missing))
+    return protected_layers
+
+
+class SlipModelLoader(DefaultModelLoader):
+    def __init__(self, load_config):
+        extra = dict(load_config.model_loader_extra_config or {})
+        ours = {k: extra.pop(k) for k in list(extra) if k in EXTRA_KEYS}
+        inner = copy.copy(load_config)
+        inner.model_loader_extra_config = extra
+        inner.load_format = "safetensors"
+        super().__init__(inner)
+        self.service_url = ours.get("service_url") or settings().service_url
+        self._current_name: str | None = None
+        self._manifest = None
+
+    def get_all_weights(self, model_config, model):
+        for name, tensor in super().get_all_weights(model_config, model):
+            self._current_name = name
+            yield name, tensor
+        self._current_name = None
+
+    def _wrap_loaders(self, model, manifest) -> None:
+        by_name = manifest.by_name()
+        loader = self
+
+        def recording(module_name, param_name, original, plan):
+            def weight_loader(param, loaded_weight, *args, **kwargs):
+                name = loader._current_name
+                if name in by_name:
+                    if plan is None or param_name != "weight":
+                        raise SlipLoadError(
+                            f"protected tensor {name} is loaded into {module_name}.{param_name}, which "
+                            f"SLIP cannot serve (not a linear or vocab-embedding weight)")
+                    entry = by_name[name]
+                    got = tuple(loaded_weight.shape)
+                    want = entry.shape if entry.orientation == "out_in" else entry.shape[::-1]
+                    if got not in (tuple(want), tuple(want[::-1])):
+                        raise SlipLoadError(f"{name}: public tensor has shape {got}, manifest says {want}")
+                    shard = args[0] if args else kwargs.get("loaded_shard_id", kwargs.get("shard_id"))
+                    plan.loaded.append((shard, name))
+                return original(param, loaded_weight, *args, **kwargs)
+
+            return weight_loader
+
+        for module_name, module in model.named_modules():
+            plan = getattr(module, "slip_plan", None)
+            for param_name, param in module.named_parameters(recurse=False):
+                original = getattr(param, "weight_loader", None)
+                if original is None:
+                    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+                    original = default_weight_loader
+                param.weight_loader = recording(module_name, param_name, original, plan)
+
+    def load_weights(self, model, model_config) -> None:
+        try:
+            manifest, digest = read_public_manifest(model_config.model)
+        except ManifestError as exc:
+            raise SlipLoadError(str(exc)) from None
+        cfg = settings()
+        check_service(self.service_url, digest, cfg.startup_wait_s, cfg.service_token)
+        client_mod.configure(client_mod.ClientConfig(
+            url=self.service_url, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
+            retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s))
+        self._wrap_loaders(model, manifest)
+        super().load_weights(model, model_config)
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+        instance_id = getattr(vllm_config, "instance_id", "") or "default"
+        layers = finalize_plans(model, manifest, instance_id)
+        log.info("SLIP: %d protected layers bound to the secure service at %s (manifest %s)",
+                 layers, self.service_url, digest[:16])
+

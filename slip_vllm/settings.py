@@ -1,0 +1,107 @@
+"""The one table of every ``SLIP_*`` environment variable.
+
+Nothing else in the project reads ``os.environ`` for SLIP settings: code asks ``settings()``.
+Each entry has a type, a default and a one-line meaning; ``slip settings`` prints the table with the
+values in force. Values are read when ``settings()`` is first called in a process (vLLM spawns its
+workers, which inherit the environment), and ``settings(refresh=True)`` re-reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean (1/0/true/false), got {text!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    service_url: str = field(
+        default="http://127.0.0.1:8400",
+        metadata={"env": "SLIP_SERVICE_URL", "help": "address of the secure service, as seen from vLLM"},
+    )
+    service_token: str = field(
+        default="",
+        metadata={
+            "env": "SLIP_SERVICE_TOKEN",
+            "help": "bearer token the service requires on data-plane calls (empty: none); never logged",
+        },
+    )
+    service_timeout_s: float = field(
+        default=30.0,
+        metadata={"env": "SLIP_SERVICE_TIMEOUT_S", "help": "timeout of one data-plane call, seconds"},
+    )
+    service_retries: int = field(
+        default=2,
+        metadata={"env": "SLIP_SERVICE_RETRIES", "help": "retries of a failed data-plane call before the step fails"},
+    )
+    service_retry_backoff_s: float = field(
+        default=0.2,
+        metadata={"env": "SLIP_SERVICE_RETRY_BACKOFF_S", "help": "first retry delay (doubles each retry)"},
+    )
+    startup_wait_s: float = field(
+        default=10.0,
+        metadata={"env": "SLIP_STARTUP_WAIT_S", "help": "how long vLLM's loader waits for the service at start"},
+    )
+    max_body_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={"env": "SLIP_MAX_BODY_BYTES", "help": "largest data-plane request body the service accepts"},
+    )
+    service_threads: int = field(
+        default=0,
+        metadata={"env": "SLIP_SERVICE_THREADS", "help": "torch threads in the service (0: torch's default)"},
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata={"env": "SLIP_LOG_LEVEL", "help": "log level of the plugin and the service"},
+    )
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None:
+                continue
+            try:
+                if f.type in ("bool", bool):
+                    values[f.name] = _bool(raw)
+                elif f.type in ("int", int):
+                    values[f.name] = int(raw)
+                elif f.type in ("float", float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ValueError(f"bad value for {f.metadata['env']}: {exc}") from None
+        return cls(**values)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, value in force, meaning) rows; secrets are masked."""
+        rows = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "service_token" and value:
+                value = "***"
+            rows.append((f.metadata["env"], str(value), f.metadata["help"]))
+        return rows
+
+
+_cached: Settings | None = None
+
+
+def settings(refresh: bool = False) -> Settings:
+    global _cached
+    if _cached is None or refresh:
+        _cached = Settings.from_env()
+    return _cached
