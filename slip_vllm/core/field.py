@@ -45,6 +45,7 @@ The bounds need n <= 2^16 (the largest Llama-family inner dimension is 53248); l
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field as _dc_field
 from typing import Callable, Dict, Optional, Union
@@ -252,17 +253,19 @@ def _cpu_int8(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:
 
 def _naive_int8(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:
     """Baseline: one library int8 GEMM per limb + int64 element-wise work."""
-    T = x.shape[0]
+    T, n, m = x.shape[0], fw.n, fw.m
     wt = fw.w_q.t()  # column-major view of W^T: the layout cuBLAS int8 wants
-    tot = torch.zeros((T, fw.m), dtype=torch.int64, device=x.device)
-    Tp = T
-    if x.is_cuda:  # cuBLAS int8 path of torch._int_mm wants more than 16 rows, multiples of 8
-        Tp = max(32, (T + 7) // 8 * 8)
+    Tp, n_p, m_p = T, n, m
+    if x.is_cuda:  # torch._int_mm on CUDA: more than 16 rows, inner and output sizes multiples of 8
+        Tp, n_p, m_p = max(32, -(-T // 8) * 8), -(-n // 8) * 8, -(-m // 8) * 8
+        if (n_p, m_p) != (n, m):
+            wt = torch.nn.functional.pad(fw.w_q, (0, n_p - n, 0, m_p - m)).t()
+    tot = torch.zeros((T, m), dtype=torch.int64, device=x.device)
     for j in range(fw.L):
         limb = (((x >> (8 * j)) & 255) - 128).to(torch.int8)
-        if Tp != T:
-            limb = torch.nn.functional.pad(limb, (0, 0, 0, Tp - T))
-        acc = torch._int_mm(limb, wt)[:T]
+        if (Tp, n_p) != (T, n):
+            limb = torch.nn.functional.pad(limb, (0, n_p - n, 0, Tp - T))
+        acc = torch._int_mm(limb, wt)[:T, :m]
         tot += acc.to(torch.int64) << (8 * j)
     return torch.remainder(tot + fw.offset, fw.p)
 
@@ -296,6 +299,7 @@ _BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

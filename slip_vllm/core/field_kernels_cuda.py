@@ -174,21 +174,23 @@ class KernelConfig:
                 f"w{self.num_warps}s{self.num_stages}k{self.split_k}")
 
 
-# Candidates swept by ``benchmarks/bench_field_gemm.py --tune``.
+# Candidates swept by ``benchmarks/bench_field_gemm.py --tune`` (each fused and pre-split).
 CANDIDATES = [
     KernelConfig(64, 16, 128, 4, 4, 8, 0, True),
     KernelConfig(64, 16, 256, 4, 3, 8, 0, True),
     KernelConfig(128, 16, 128, 4, 4, 8, 0, True),
     KernelConfig(64, 32, 128, 4, 4, 8, 0, True),
     KernelConfig(128, 32, 128, 8, 4, 8, 0, True),
+    KernelConfig(256, 32, 128, 8, 3, 8, 0, True),
+    KernelConfig(64, 64, 128, 4, 3, 8, 0, True),
     KernelConfig(128, 64, 128, 8, 3, 8, 0, True),
     KernelConfig(128, 64, 64, 8, 4, 8, 0, True),
-    KernelConfig(64, 64, 128, 4, 3, 8, 0, True),
-    KernelConfig(256, 32, 128, 8, 3, 8, 0, True),
+    KernelConfig(64, 128, 128, 8, 3, 8, 0, True),
 ]
 CANDIDATES += [replace(c, fused=False) for c in CANDIDATES]
 
 _SM_COUNT = {}
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipelined tiles (H100/H200: 227 KB a block)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -206,19 +208,24 @@ def pick_config(T: int, m: int, n: int) -> KernelConfig:
         return KernelConfig(64, 32, 128, 4, 4, 8, 0, True)
     if T <= 128:
         return KernelConfig(128, 32, 128, 8, 4, 8, 0, True)
-    return KernelConfig(128, 64, 128, 8, 3, 8, 0, True)
+    return KernelConfig(128, 64, 128, 8, 3, 8, 0, False)
 
 
 def _split_k(cfg: KernelConfig, T: int, m: int, n: int, sms: int) -> int:
+    """Split-K factor: explicit, or (auto) enough to reach about two waves when the output tiles
+    fill less than half the multiprocessors; a divisor of the K steps, each split >= 4 steps."""
     k_tiles = triton.cdiv(n, cfg.block_k)
     if cfg.split_k:
-        s = cfg.split_k
-    else:
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t)
-        s = 1
-        if tiles < sms:  # under one wave: split K until about two waves, keeping >= 4 K steps
-            s = max(1, min((2 * sms + tiles - 1) // tiles, k_tiles // 4))
-    return max(1, min(s, k_tiles))
+        return max(1, min(cfg.split_k, k_tiles))
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t)
+    if 2 * tiles > sms:
+        return 1
+    target = triton.cdiv(2 * sms, tiles)
+    best = 1
+    for d in range(1, min(target, k_tiles // 4) + 1):
+        if k_tiles % d == 0:
+            best = d
+    return best
 
 
 def split_limbs(x: torch.Tensor, L: int) -> torch.Tensor:
@@ -258,13 +265,16 @@ def field_matmul_triton(x: torch.Tensor, fw, config: Optional[KernelConfig] = No
     out = torch.empty((T, m), dtype=torch.int64, device=x.device)
     dst = out if split == 1 else torch.empty((split, T, m), dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t), split)
+    # pipelined stages must fit in shared memory (int64 X tiles are 8 bytes an element)
+    per_stage = cfg.block_k * (cfg.block_m + cfg.block_t * (8 if cfg.fused else L))
+    stages = max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
     _field_gemm_kernel[grid](
         xin, w, dst, off, T, m, n, p,
         n, stride_xl, w.stride(0), m, T * m,
         k_per,
         L=L, FUSED=cfg.fused, PARTIAL=split > 1, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=stages,
     )
     if split > 1:
         numel = T * m

@@ -1,0 +1,35 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from slip_vllm.vendor.protect import ProtectConfig, protect  # noqa: E402
+from slip_vllm.vendor.tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """make(family, **kw) -> (original_dir, protected_out_dir), cached per argument set."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def make(family: str, *, tie: bool = False, rank: int = 16, blind: bool = True, seed: int = 0):
+        key = (family, tie, rank, blind, seed)
+        if key not in cache:
+            tag = f"{family}-tie{int(tie)}-r{rank}-b{int(blind)}-s{seed}"
+            original = make_tiny_model(family, root / tag / "original", tie=tie, seed=seed)
+            from slip_vllm.core.decompose import RankPolicy
+
+            cfg = ProtectConfig(default_rank=RankPolicy(absolute=rank), blinding=blind, seed=1000 + seed)
+            protect(original, root / tag / "protected", cfg, progress=False)
+            cache[key] = (original, root / tag / "protected")
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs")

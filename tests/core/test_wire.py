@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from slip_vllm.core import wire
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_round_trip(dtype):
+    x = torch.randn(5, 7).to(dtype)
+    body = wire.encode_request(wire.KIND_LINEAR, (3, 4, 5), x, session=2**62 + 5, seq=9)
+    req = wire.decode_request(body)
+    assert req.kind == wire.KIND_LINEAR and req.tensor_ids == (3, 4, 5)
+    assert req.session == 2**62 + 5 and req.seq == 9
+    assert req.payload.dtype == dtype and torch.equal(req.payload, x)
+    reply = wire.decode_reply(wire.encode_reply(x), expect_rows=5, expect_cols=7)
+    assert torch.equal(reply, x)
+
+
+def test_embed_round_trip_and_raw_little_endian_layout():
+    ids = torch.tensor([0, 1, 511, 7])
+    body = wire.encode_request(wire.KIND_EMBED, (0,), ids, session=1, seq=1)
+    assert body[:4] == b"SLQ1"
+    assert body[-16:] == b"".join(int(i).to_bytes(4, "little") for i in ids)
+    req = wire.decode_request(body)
+    assert req.payload.tolist() == ids.tolist() and req.payload.dtype == torch.int32
+
+
+def test_malformed_frames_are_rejected():
+    good = wire.encode_request(wire.KIND_LINEAR, (0,), torch.ones(2, 3), 1, 1)
+    bad_frames = [
+        b"", good[:10], b"XXXX" + good[4:], good[:-1], good + b"\0",
+        good[:4] + bytes([9]) + good[5:],            # unknown kind
+        good[:5] + bytes([42]) + good[6:],           # unknown dtype
+        good[:6] + (0).to_bytes(2, "little") + good[8:],   # no tensor ids
+        good[:6] + (99).to_bytes(2, "little") + good[8:],  # too many ids
+    ]
+    for frame in bad_frames:
+        with pytest.raises(wire.WireError):
+            wire.decode_request(frame)
+    with pytest.raises(wire.WireError):
+        wire.decode_reply(b"SLR1" + b"\0" * 8)
+    with pytest.raises(wire.WireError):
+        wire.decode_reply(wire.encode_reply(torch.ones(2, 3)), expect_rows=3)
