@@ -6,11 +6,15 @@ for the L balanced limbs d_j = byte_j(x) - 128 of the masked activations, readin
 once from memory for all limbs, and in its epilogue recombines sum_j 256^j acc_j in int64, adds
 the per-channel correction and reduces mod p.  The exactness argument is in ``field.py``.
 
-Two ways to feed the limbs (``KernelConfig.fused``):
-* fused=True: the kernel loads X~ as int64 and splits it into limbs in registers on the fly
+Three ways to feed the limbs (``KernelConfig.mode``):
+* "fused": the kernel loads X~ as int64 and splits it into limbs in registers on the fly
   (low word XOR 0x80808080 gives limbs 0..3 as its bytes, the high word XOR 0x80 gives limb 4);
-* fused=False: a memory-bound pre-pass writes the limb planes int8 [L, T, n] once (5 bytes per
-  element instead of 8, and no integer work in the GEMM's inner loop), then the GEMM loads them.
+* "planes": a memory-bound pre-pass writes the limb planes int8 [L, T, n] once (5 bytes per
+  element instead of 8, and no integer work in the GEMM's inner loop), then the GEMM runs one
+  product per limb;
+* "stacked": the same planes, but limbs 0..3 of a token tile are stacked along the product's N
+  dimension, so one wide product (and one read of the weight tile from shared memory) serves
+  four limbs; limb 4 gets a second product.
 The operands are in the layout that int8 tensor-core products want: W [m, n] and the limbs
 [T, n] both K-contiguous ("second operand column-major").  Small T uses split-K so that enough
 thread blocks stream the weight; the partial int64 sums are added and reduced by a second kernel.
@@ -48,16 +52,37 @@ def _split_limbs_kernel(X, XL, numel, plane, L: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
+def _mod_p(t, p, inv_p):
+    """t mod p in [0, p) for int64 |t| < 2^63: two float64 quotient estimates, then exact fix-ups
+    (cheaper than a 64-bit integer division; every step is exact in int64)."""
+    q = (t.to(tl.float64) * inv_p).to(tl.int64)
+    r = t - q * p  # |r| <= |t| * 2^-50 + p
+    q = (r.to(tl.float64) * inv_p).to(tl.int64)
+    r = r - q * p  # |r| <= 2p
+    r = tl.where(r < 0, r + p, r)
+    r = tl.where(r < 0, r + p, r)
+    r = tl.where(r >= p, r - p, r)
+    return r
+
+
+@triton.jit
 def _field_gemm_kernel(
     X, W, OUT, OFF,
     T, M, N, p,
     stride_xt, stride_xl, stride_wm, stride_ot, stride_os,
     K_PER_SPLIT,
-    L: tl.constexpr, FUSED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    L: tl.constexpr, MODE: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
+    # MODE 0 (fused): X is int64 [T, n], split into limbs in registers.
+    # MODE 1 (planes): X is int8 limb planes [L, T, n]; one tensor-core product per limb.
+    # MODE 2 (stacked): the same planes; limbs 0..SLOTS-1 of BLOCK_T tokens are stacked along the
+    #   product's N dimension (one wide product, W tile read from shared memory once for them),
+    #   limb 4 (if L = 5) in a second product.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    inv_p = 1.0 / p.to(tl.float64)
     num_m = tl.cdiv(M, BLOCK_M)
     num_t = tl.cdiv(T, BLOCK_T)
     in_group = GROUP_M * num_t
@@ -74,22 +99,31 @@ def _field_gemm_kernel(
     k0 = pid_k * K_PER_SPLIT
     w_ptrs = W + offs_m[:, None] * stride_wm + (k0 + offs_k)[None, :]
     x_ptrs = X + offs_t[:, None] * stride_xt + (k0 + offs_k)[None, :]
+    # stacked rows: row r holds limb r // BLOCK_T of token r % BLOCK_T
+    rows = tl.arange(0, SLOTS * BLOCK_T)
+    slot = rows // BLOCK_T
+    tok = pid_t * BLOCK_T + rows % BLOCK_T
+    mask_s = (tok < T) & (slot < L)
+    s_ptrs = X + slot[:, None] * stride_xl + tok[:, None] * stride_xt + (k0 + offs_k)[None, :]
 
     acc0 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     acc4 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    accs = tl.zeros((BLOCK_M, SLOTS * BLOCK_T), dtype=tl.int32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         if EVEN_K:
             wmask = mask_m[:, None]
             xmask = mask_t[:, None]
+            smask = mask_s[:, None]
         else:
             kmask = (k0 + kk + offs_k) < N
             wmask = mask_m[:, None] & kmask[None, :]
             xmask = mask_t[:, None] & kmask[None, :]
+            smask = mask_s[:, None] & kmask[None, :]
         w = tl.load(w_ptrs, mask=wmask, other=0)
-        if FUSED:
+        if MODE == 0:
             x = tl.load(x_ptrs, mask=xmask, other=0)
             lo = x.to(tl.int32) ^ -2139062144
             acc0 = tl.dot(w, tl.trans(lo.to(tl.int8)), acc0, out_dtype=tl.int32)
@@ -102,7 +136,7 @@ def _field_gemm_kernel(
             if L > 4:
                 hi = ((x >> 32).to(tl.int32) ^ 128).to(tl.int8)
                 acc4 = tl.dot(w, tl.trans(hi), acc4, out_dtype=tl.int32)
-        else:
+        elif MODE == 1:
             d0 = tl.load(x_ptrs, mask=xmask, other=0)
             acc0 = tl.dot(w, tl.trans(d0), acc0, out_dtype=tl.int32)
             if L > 1:
@@ -117,27 +151,38 @@ def _field_gemm_kernel(
             if L > 4:
                 d4 = tl.load(x_ptrs + 4 * stride_xl, mask=xmask, other=0)
                 acc4 = tl.dot(w, tl.trans(d4), acc4, out_dtype=tl.int32)
+        else:
+            ds = tl.load(s_ptrs, mask=smask, other=0)
+            accs = tl.dot(w, tl.trans(ds), accs, out_dtype=tl.int32)
+            if L > SLOTS:
+                d4 = tl.load(x_ptrs + 4 * stride_xl, mask=xmask, other=0)
+                acc4 = tl.dot(w, tl.trans(d4), acc4, out_dtype=tl.int32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        s_ptrs += BLOCK_K
 
     # epilogue: sum_j 256^j acc_j (|.| < 2^62.01, exact in int64)
-    tot = acc0.to(tl.int64)
-    if L > 1:
-        tot += acc1.to(tl.int64) << 8
-    if L > 2:
-        tot += acc2.to(tl.int64) << 16
-    if L > 3:
-        tot += acc3.to(tl.int64) << 24
-    if L > 4:
-        tot += acc4.to(tl.int64) << 32
+    if MODE == 2:
+        a3 = tl.reshape(accs, (BLOCK_M, SLOTS, BLOCK_T))
+        sh = (tl.arange(0, SLOTS) * 8).to(tl.int64)
+        tot = tl.sum(a3.to(tl.int64) << sh[None, :, None], axis=1)
+        if L > SLOTS:
+            tot += acc4.to(tl.int64) << 32
+    else:
+        tot = acc0.to(tl.int64)
+        if L > 1:
+            tot += acc1.to(tl.int64) << 8
+        if L > 2:
+            tot += acc2.to(tl.int64) << 16
+        if L > 3:
+            tot += acc3.to(tl.int64) << 24
+        if L > 4:
+            tot += acc4.to(tl.int64) << 32
     out_ptrs = OUT + pid_k * stride_os + offs_t[None, :] * stride_ot + offs_m[:, None]
     omask = mask_m[:, None] & mask_t[None, :]
     if not PARTIAL:
         off = tl.load(OFF + offs_m, mask=mask_m, other=0)
-        r = tot % p  # in (-p, p) under either sign convention
-        r = r + off[:, None]  # in (-p, 2p)
-        r = tl.where(r < 0, r + p, r)
-        r = tl.where(r >= p, r - p, r)
+        r = _mod_p(tot + off[:, None], p, inv_p)
         tl.store(out_ptrs, r, mask=omask)
     else:
         tl.store(out_ptrs, tot, mask=omask)
@@ -146,16 +191,17 @@ def _field_gemm_kernel(
 @triton.jit
 def _finalize_kernel(P, OUT, OFF, numel, M, p, stride_s, split, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    inv_p = 1.0 / p.to(tl.float64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     tot = tl.load(P + offs, mask=mask, other=0)
     for s in range(1, split):
         tot += tl.load(P + s * stride_s + offs, mask=mask, other=0)
     off = tl.load(OFF + offs % M, mask=mask, other=0)
-    r = tot % p + off
-    r = tl.where(r < 0, r + p, r)
-    r = tl.where(r >= p, r - p, r)
-    tl.store(OUT + offs, r, mask=mask)
+    tl.store(OUT + offs, _mod_p(tot + off, p, inv_p), mask=mask)
+
+
+MODES = {"fused": 0, "planes": 1, "stacked": 2}
 
 
 @dataclass(frozen=True)
@@ -166,28 +212,23 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     group_m: int = 8
-    split_k: int = 0  # 0: choose so that about two waves of thread blocks run
-    fused: bool = True
+    split_k: int = 0  # 0: automatic (see _split_k)
+    mode: str = "stacked"  # "fused" | "planes" | "stacked"
 
     def short(self) -> str:
-        return (f"{'F' if self.fused else 'P'}{self.block_m}x{self.block_t}x{self.block_k}"
+        return (f"{self.mode[0].upper()}{self.block_m}x{self.block_t}x{self.block_k}"
                 f"w{self.num_warps}s{self.num_stages}k{self.split_k}")
 
 
-# Candidates swept by ``benchmarks/bench_field_gemm.py --tune`` (each fused and pre-split).
-CANDIDATES = [
-    KernelConfig(64, 16, 128, 4, 4, 8, 0, True),
-    KernelConfig(64, 16, 256, 4, 3, 8, 0, True),
-    KernelConfig(128, 16, 128, 4, 4, 8, 0, True),
-    KernelConfig(64, 32, 128, 4, 4, 8, 0, True),
-    KernelConfig(128, 32, 128, 8, 4, 8, 0, True),
-    KernelConfig(256, 32, 128, 8, 3, 8, 0, True),
-    KernelConfig(64, 64, 128, 4, 3, 8, 0, True),
-    KernelConfig(128, 64, 128, 8, 3, 8, 0, True),
-    KernelConfig(128, 64, 64, 8, 4, 8, 0, True),
-    KernelConfig(64, 128, 128, 8, 3, 8, 0, True),
+# Candidates swept by ``benchmarks/bench_field_gemm.py --tune``.
+_SHAPES = [
+    (64, 16, 128, 4, 4), (64, 16, 256, 4, 3), (128, 16, 128, 4, 4),
+    (64, 32, 128, 4, 4), (128, 32, 128, 8, 4), (256, 32, 128, 8, 3),
+    (64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (128, 64, 64, 8, 4),
 ]
-CANDIDATES += [replace(c, fused=False) for c in CANDIDATES]
+CANDIDATES = [KernelConfig(bm, bt, bk, w, st, 8, 0, mode)
+              for mode in ("stacked", "planes") for (bm, bt, bk, w, st) in _SHAPES]
+CANDIDATES += [KernelConfig(64, 16, 128, 4, 4, 8, 0, "fused"), KernelConfig(128, 64, 64, 8, 4, 8, 0, "fused")]
 
 _SM_COUNT = {}
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipelined tiles (H100/H200: 227 KB a block)
@@ -203,12 +244,10 @@ def _sm_count(device: torch.device) -> int:
 def pick_config(T: int, m: int, n: int) -> KernelConfig:
     """Default tile shapes by token count (from the sweep recorded in docs/BENCHMARKS.md)."""
     if T <= 16:
-        return KernelConfig(64, 16, 128, 4, 4, 8, 0, True)
-    if T <= 32:
-        return KernelConfig(64, 32, 128, 4, 4, 8, 0, True)
+        return KernelConfig(64, 16, 256, 4, 3, 8, 0, "planes")
     if T <= 128:
-        return KernelConfig(128, 32, 128, 8, 4, 8, 0, True)
-    return KernelConfig(128, 64, 128, 8, 3, 8, 0, False)
+        return KernelConfig(64, 32, 128, 4, 4, 8, 0, "planes")
+    return KernelConfig(128, 64, 128, 8, 3, 8, 0, "planes")
 
 
 def _split_k(cfg: KernelConfig, T: int, m: int, n: int, sms: int) -> int:
@@ -252,29 +291,31 @@ def field_matmul_triton(x: torch.Tensor, fw, config: Optional[KernelConfig] = No
     if rows < T:
         return torch.cat([field_matmul_triton(x[i:i + rows], fw, config) for i in range(0, T, rows)])
     cfg = config or pick_config(T, m, n)
+    mode = MODES[cfg.mode]
     split = _split_k(cfg, T, m, n, _sm_count(x.device))
     k_tiles = triton.cdiv(n, cfg.block_k)
     k_per = triton.cdiv(k_tiles, split) * cfg.block_k
     split = triton.cdiv(n, k_per)
     even_k = (n % cfg.block_k == 0) and (k_per * split == n)
-    if cfg.fused:
-        xin, stride_xl = x, 0
+    slots = 1 if L == 1 else (2 if L == 2 else 4)
+    if mode == 0:
+        xin, stride_xl, rows_per_t = x, 0, 8
     else:
-        xin = split_limbs(x, L)
-        stride_xl = T * n
+        xin, stride_xl = split_limbs(x, L), T * n
+        rows_per_t = L if mode == 1 else slots + (1 if L > slots else 0)
     out = torch.empty((T, m), dtype=torch.int64, device=x.device)
     dst = out if split == 1 else torch.empty((split, T, m), dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t), split)
     # pipelined stages must fit in shared memory (int64 X tiles are 8 bytes an element)
-    per_stage = cfg.block_k * (cfg.block_m + cfg.block_t * (8 if cfg.fused else L))
+    per_stage = cfg.block_k * (cfg.block_m + cfg.block_t * rows_per_t)
     stages = max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
     _field_gemm_kernel[grid](
         xin, w, dst, off, T, m, n, p,
         n, stride_xl, w.stride(0), m, T * m,
         k_per,
-        L=L, FUSED=cfg.fused, PARTIAL=split > 1, EVEN_K=even_k,
+        L=L, MODE=mode, PARTIAL=split > 1, EVEN_K=even_k,
         BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=stages,
+        SLOTS=slots, num_warps=cfg.num_warps, num_stages=stages,
     )
     if split > 1:
         numel = T * m

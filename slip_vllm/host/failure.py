@@ -7,9 +7,9 @@ output into tokens, reads the channel and ends every request of the step with fi
 ``error`` (the OpenAI server answers those with an error), and drops the prefix cache so no KV block
 computed without the secret part is ever reused. Requests after the service returns run normally.
 
-The channel is an append-only file named after the engine's ``instance_id`` (shared by the engine
-core and its workers through the pickled config); one byte is appended per failed call, and the
-engine compares the file size with the last size it saw: one ``stat`` per step.
+The channel is an append-only file named after the engine-core process id (a worker knows it as its
+parent's pid, or its own with the in-process executor); one byte is appended per failed call, and
+the engine compares the file size with the last size it saw: one ``stat`` per step.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from pathlib import Path
 log = logging.getLogger("slip.host")
 
 
-def channel_path(instance_id: str) -> Path:
-    safe = "".join(c for c in instance_id if c.isalnum() or c in "-_") or "default"
+def channel_path(engine_key: str) -> Path:
+    safe = "".join(c for c in engine_key if c.isalnum() or c in "-_") or "default"
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     return base / f"slip-step-failures-{safe}"
 
 
-def report_failure(instance_id: str) -> None:
-    fd = os.open(channel_path(instance_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def report_failure(engine_key: str) -> None:
+    fd = os.open(channel_path(engine_key), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, b"x")
     finally:
@@ -37,8 +37,10 @@ def report_failure(instance_id: str) -> None:
 
 
 class FailureWatcher:
-    def __init__(self, instance_id: str):
-        self.path = channel_path(instance_id)
+    def __init__(self, engine_key: str):
+        self.path = channel_path(engine_key)
+        # A stale file from an earlier process with the same pid must not fail our first step.
+        self.path.unlink(missing_ok=True)
         self.seen = self._size()
 
     def _size(self) -> int:
@@ -71,7 +73,7 @@ def install_scheduler_hook() -> None:
     def update_from_output(self, scheduler_output, model_runner_output):
         watcher = getattr(self, "_slip_failure_watcher", None)
         if watcher is None:
-            watcher = self._slip_failure_watcher = FailureWatcher(self.vllm_config.instance_id)
+            watcher = self._slip_failure_watcher = FailureWatcher(str(os.getpid()))
         errored = []
         if watcher.failed_since_last_check():
             req_ids = list(scheduler_output.num_scheduled_tokens)

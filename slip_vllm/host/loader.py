@@ -28,7 +28,7 @@ from slip_vllm.host import ops
 from slip_vllm.settings import settings
 
 log = logging.getLogger("slip.host")
-EXTRA_KEYS = {"service_url", "service_token_env"}
+EXTRA_KEYS = {"service_url"}
 SHARD_ORDER = {"q": 0, "k": 1, "v": 2}
 
 
@@ -77,7 +77,7 @@ def _row_order(shard_id) -> int:
     raise SlipLoadError(f"unsupported shard id {shard_id!r} (tuple shard ids are not supported)")
 
 
-def finalize_plans(model, manifest, instance_id: str) -> int:
+def finalize_plans(model, manifest) -> int:
     """Turn the recorded (shard id, checkpoint name) pairs into tensor-id plans; returns how many
     layers are protected."""
     by_name = manifest.by_name()
@@ -108,13 +108,11 @@ def finalize_plans(model, manifest, instance_id: str) -> int:
         plan.secret_width = sum(e.shape[0] for _, e in entries)
         if plan.kind == "embedding" and entries:
             plan.secret_width = entries[0][1].shape[1]
-        plan.instance_id = plan.instance_id or instance_id
         plan.ready = True
         logits_plan = getattr(module, "slip_logits_plan", None)
         if logits_plan is not None:
             logits_plan.tensor_ids = plan.tensor_ids
             logits_plan.secret_width = entries[0][1].shape[0] if entries else 0
-            logits_plan.instance_id = logits_plan.instance_id or instance_id
             logits_plan.ready = True
         protected_layers += bool(entries)
     missing = [t.name for t in manifest.tensors if t.name not in bound]
@@ -188,11 +186,7 @@ class SlipModelLoader(DefaultModelLoader):
             retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s))
         self._wrap_loaders(model, manifest)
         super().load_weights(model, model_config)
-        from vllm.config import get_current_vllm_config_or_none
-
-        vllm_config = get_current_vllm_config_or_none()
-        instance_id = getattr(vllm_config, "instance_id", "") or "default"
-        layers = finalize_plans(model, manifest, instance_id)
+        layers = finalize_plans(model, manifest)
         log.info("SLIP: %d protected layers bound to the secure service at %s (manifest %s)",
                  layers, self.service_url, digest[:16])
 

@@ -37,7 +37,7 @@ class LayerPlan:
     kind: str                                   # "linear" | "embedding"
     local_width: int                            # width of the layer's own output (padded vocab)
     public: Callable                            # the unprotected computation of vLLM
-    instance_id: str = ""
+    engine_key: str = ""                        # which engine core to report failures to
     dtype: torch.dtype = torch.float32          # output dtype (the model's)
     tensor_ids: tuple[int, ...] = ()            # manifest ids, in fused-row order
     secret_width: int = 0                       # columns the service returns
@@ -72,7 +72,7 @@ def _add_secret(plan: LayerPlan, public_out: torch.Tensor, future) -> torch.Tens
         secret = future.result()
     except ServiceUnavailable as exc:
         log.error("SLIP layer %s: %s", plan.prefix, exc)
-        report_failure(plan.instance_id)
+        report_failure(plan.engine_key)
         return public_out
     secret = secret.to(device=public_out.device, dtype=public_out.dtype)
     if plan.secret_width == public_out.shape[-1]:

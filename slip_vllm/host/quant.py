@@ -29,9 +29,17 @@ from slip_vllm.core.manifest import QUANT_METHOD
 from slip_vllm.host import ops
 
 
-def _instance_id() -> str:
+def _engine_key() -> str:
+    """Identifies the engine-core process that schedules this worker (see host/failure.py).
+
+    With the multiprocessing executor the worker is a child of the engine core; with the
+    in-process ("uni") executor it is the engine core itself.
+    """
+    import os
+
     config = get_current_vllm_config_or_none()
-    return getattr(config, "instance_id", "") or "default"
+    backend = getattr(getattr(config, "parallel_config", None), "distributed_executor_backend", None)
+    return str(os.getppid() if backend == "mp" else os.getpid())
 
 
 @register_weight_loader_v2_supported_method
@@ -48,7 +56,7 @@ class SlipLinearMethod(UnquantizedLinearMethod):
         parent_apply = super().apply
         plan = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=sum(output_partition_sizes),
                              public=lambda x, bias: parent_apply(layer, x, bias),
-                             instance_id=_instance_id(), dtype=params_dtype)
+                             engine_key=_engine_key(), dtype=params_dtype)
         self.handle = ops.new_plan(plan)
         layer.slip_plan = plan
 
@@ -70,10 +78,10 @@ class SlipEmbeddingMethod(UnquantizedEmbeddingMethod):
         # the logits GEMM; each gets its own plan and handle.
         lookup = ops.LayerPlan(prefix=self.prefix, kind="embedding", local_width=input_size_per_partition,
                                public=lambda ids: parent.embedding(layer, ids.long()),
-                               instance_id=_instance_id(), dtype=params_dtype)
+                               engine_key=_engine_key(), dtype=params_dtype)
         logits = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=sum(output_partition_sizes),
                                public=lambda x, bias: parent.apply(layer, x, bias),
-                               instance_id=_instance_id(), dtype=params_dtype)
+                               engine_key=_engine_key(), dtype=params_dtype)
         self.handle = ops.new_plan(lookup)
         self.logits_handle = ops.new_plan(logits)
         layer.slip_plan = lookup

@@ -253,9 +253,10 @@ from slip_vllm.core.field import FieldWeight, field_matmul_reference
 from slip_vllm.core import field_kernels_cuda as fk
 fk._sm_count = lambda d: 8
 g = torch.Generator().manual_seed(0)
-cfgs = [fk.KernelConfig(64, 16, 64, 4, 2, 8, 0, True), fk.KernelConfig(64, 16, 64, 4, 2, 2, 3, False),
-        fk.KernelConfig(64, 32, 128, 4, 2, 8, 1, True)]
-for (T, n, m, p) in [(3, 200, 70, 1099511627689), (20, 130, 64, 257), (1, 64, 64, 65537), (17, 96, 65, 2**31 - 1)]:
+cfgs = [fk.KernelConfig(64, 16, 64, 4, 2, 8, 0, "fused"), fk.KernelConfig(64, 16, 64, 4, 2, 2, 3, "planes"),
+        fk.KernelConfig(64, 32, 128, 4, 2, 8, 1, "stacked"), fk.KernelConfig(64, 16, 64, 4, 2, 2, 2, "stacked")]
+for (T, n, m, p) in [(3, 200, 70, 1099511627689), (20, 130, 64, 257), (1, 64, 64, 65537), (17, 96, 65, 2**31 - 1),
+                     (5, 64, 64, 3), (40, 128, 64, 549755813911)]:
     x = torch.randint(0, p, (T, n), generator=g)
     w = torch.randint(-128, 128, (m, n), generator=g).to(torch.int8)
     fw = FieldWeight(w, p)
@@ -263,8 +264,9 @@ for (T, n, m, p) in [(3, 200, 70, 1099511627689), (20, 130, 64, 257), (1, 64, 64
     for c in cfgs:
         assert torch.equal(fk.field_matmul_triton(x, fw, c), ref), (T, n, m, p, c)
 x = torch.full((5, 128), 1099511627688); w = torch.full((64, 128), -128, dtype=torch.int8)
-assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, 1099511627689), cfgs[1]),
-                   field_matmul_reference(x, w, 1099511627689))
+for c in cfgs:
+    assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, 1099511627689), c),
+                       field_matmul_reference(x, w, 1099511627689))
 print("INTERPRETER_OK")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
@@ -287,7 +289,7 @@ print("INTERPRETER_OK")
 def test_cuda_small_shapes_exact(p):
     gen = torch.Generator().manual_seed(p % 997)
     backends = [b for b in available_backends("cuda") if b != "reference"]
-    assert backends[0] == "triton", "the fused kernel should be the CUDA default"
+    assert backends[0] == "triton", "the Triton kernel should be the CUDA default"
     for (T, n, m) in [(1, 1, 1), (3, 7, 5), (5, 64, 33), (37, 1000, 200), (130, 257, 300)]:
         x = _rand((T, n), 0, p, gen, torch.int64)
         w = _rand((m, n), -128, 128, gen, torch.int8)

@@ -1,0 +1,34 @@
+"""Shared real servers for the serving tests: one secure service, one protected vLLM server and one
+stock vLLM server per model, started together and shared by the tests of a module."""
+
+import concurrent.futures
+
+import pytest
+
+from helpers import secure_service, vllm_server
+
+pytestmark = pytest.mark.vllm
+
+
+class Stack:
+    def __init__(self, family, original, protected, service, slip, stock):
+        self.family, self.original, self.protected = family, original, protected
+        self.service, self.slip, self.stock = service, slip, stock
+
+    def stop(self):
+        for server in (self.slip, self.stock, self.service):
+            server.stop()
+
+
+def start_stack(model_factory, log_dir, family, *, tie=False, eager=True, extra_args=()):
+    original, protected = model_factory(family, tie=tie)
+    service = secure_service(protected / "secret", log_dir, name=f"{family}-service").start().wait_ready(60)
+    args = ["--enforce-eager"] if eager else []
+    args += list(extra_args)
+    slip = vllm_server(protected / "public", log_dir, f"{family}-slip", slip=True, service_url=service.url,
+                       extra_args=args).start()
+    stock = vllm_server(original, log_dir, f"{family}-stock", slip=False, extra_args=args).start()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(s.wait_ready, 600) for s in (slip, stock)]:
+            f.result()
+    return Stack(family, original, protected, service, slip, stock)
