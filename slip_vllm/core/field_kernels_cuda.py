@@ -217,7 +217,8 @@ class KernelConfig:
 
     def short(self) -> str:
         return (f"{self.mode[0].upper()}{self.block_m}x{self.block_t}x{self.block_k}"
-                f"w{self.num_warps}s{self.num_stages}k{self.split_k}")
+                f"w{self.num_warps}s{self.num_stages}k{self.split_k}"
+                + (f"g{self.group_m}" if self.group_m != 8 else ""))
 
 
 # Candidates swept by ``benchmarks/bench_field_gemm.py --tune``.
@@ -242,12 +243,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(T: int, m: int, n: int) -> KernelConfig:
-    """Default tile shapes by token count (from the sweep recorded in docs/BENCHMARKS.md)."""
+    """Default tile shapes by token count, from the H200 sweep (``bench_field_gemm.py --tune``):
+    stacked limbs everywhere; small tiles with split-K for decode; 128x64 tiles for mid T (fewest
+    re-reads of the limb planes); 64x32 tiles with one warpgroup for large T."""
     if T <= 16:
-        return KernelConfig(64, 16, 256, 4, 3, 8, 0, "planes")
-    if T <= 128:
-        return KernelConfig(64, 32, 128, 4, 4, 8, 0, "planes")
-    return KernelConfig(128, 64, 128, 8, 3, 8, 0, "planes")
+        return KernelConfig(64, 16, 256, 4, 3, 8, 0, "stacked")
+    if T <= 512:
+        return KernelConfig(128, 64, 128, 8, 3, 8, 0, "stacked")
+    return KernelConfig(64, 32, 128, 4, 4, 8, 0, "stacked")
 
 
 def _split_k(cfg: KernelConfig, T: int, m: int, n: int, sms: int) -> int:

@@ -7,8 +7,9 @@ Steps (``vllm serve OUT/public --load-format slip``):
      '{"service_url": ...}'``) and check it holds the bundle paired with this manifest; fail start-up
      with instructions otherwise;
   3. let vLLM load the public safetensors as usual, while recording which checkpoint tensor each
-     layer's weight loader received and with which shard id (this is how fused QKV / gate_up rows
-     map to manifest tensors, for any architecture, without per-model name tables);
+     layer's weight loader received (matched by tensor address) and with which shard id: this is
+     how fused QKV / gate_up rows map to manifest tensors, for any architecture, without per-model
+     name tables;
   4. validate strictly: every protected tensor must land in a SLIP layer with the manifest's shape,
      every fused layer must be covered entirely, and then each layer's plan is marked ready.
 """
@@ -90,7 +91,8 @@ def finalize_plans(model, manifest) -> int:
             continue  # GPT-2 uses one module as embedding and LM head
         seen.add(id(module))
         plan: ops.LayerPlan = module.slip_plan
-        source = plan.tied_to if plan.tied_to is not None else plan
+        tied = getattr(module, "slip_tied_module", None)
+        source = tied.slip_plan if tied is not None else plan
         entries = []
         for shard_id, ckpt_name in sorted(source.loaded, key=lambda item: _row_order(item[0])):
             entry = by_name[ckpt_name]
@@ -132,14 +134,34 @@ class SlipModelLoader(DefaultModelLoader):
         inner.load_format = "safetensors"
         super().__init__(inner)
         self.service_url = ours.get("service_url") or settings().service_url
-        self._current_name: str | None = None
-        self._manifest = None
+        self._name_by_address: dict[int, str] = {}
 
     def get_all_weights(self, model_config, model):
+        # Some models consume this iterator lazily, others first turn it into a list (BERT), so
+        # the tensor a weight loader receives is matched to its checkpoint name by address: views
+        # and transposes that loaders make keep the address of the tensor's first element.
         for name, tensor in super().get_all_weights(model_config, model):
-            self._current_name = name
+            if tensor.numel():
+                self._name_by_address[tensor.data_ptr()] = name
             yield name, tensor
-        self._current_name = None
+
+    @staticmethod
+    def _adopt_unconfigured_layers(model) -> None:
+        """Some vLLM models build a layer without passing the quantization config (BERT's
+        embeddings); such layers get a SLIP method too, so their protected weights are served."""
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            UnquantizedEmbeddingMethod, VocabParallelEmbedding,
+        )
+
+        from slip_vllm.host.quant import SlipEmbeddingMethod, SlipLinearMethod
+
+        for name, module in model.named_modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(module, LinearBase) and type(method) is UnquantizedLinearMethod:
+                SlipLinearMethod.adopt(module, name)
+            elif isinstance(module, VocabParallelEmbedding) and type(method) is UnquantizedEmbeddingMethod:
+                SlipEmbeddingMethod.adopt(module, name)
 
     def _wrap_loaders(self, model, manifest) -> None:
         by_name = manifest.by_name()
@@ -147,7 +169,7 @@ class SlipModelLoader(DefaultModelLoader):
 
         def recording(module_name, param_name, original, plan):
             def weight_loader(param, loaded_weight, *args, **kwargs):
-                name = loader._current_name
+                name = loader._name_by_address.get(loaded_weight.data_ptr()) if loaded_weight.numel() else None
                 if name in by_name:
                     if plan is None or param_name != "weight":
                         raise SlipLoadError(
@@ -184,8 +206,10 @@ class SlipModelLoader(DefaultModelLoader):
         client_mod.configure(client_mod.ClientConfig(
             url=self.service_url, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
             retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s))
+        self._adopt_unconfigured_layers(model)
         self._wrap_loaders(model, manifest)
         super().load_weights(model, model_config)
+        self._name_by_address.clear()
         layers = finalize_plans(model, manifest)
         log.info("SLIP: %d protected layers bound to the secure service at %s (manifest %s)",
                  layers, self.service_url, digest[:16])

@@ -43,7 +43,6 @@ class LayerPlan:
     secret_width: int = 0                       # columns the service returns
     # (shard id, checkpoint name) pairs recorded while vLLM loaded the weights
     loaded: list[tuple[object, str]] = field(default_factory=list)
-    tied_to: "LayerPlan | None" = None
     ready: bool = False
 
 

@@ -53,12 +53,22 @@ class SlipLinearMethod(UnquantizedLinearMethod):
                        output_size, params_dtype, **extra_weight_attrs):
         super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
                                output_size, params_dtype, **extra_weight_attrs)
+        self.bind(layer, sum(output_partition_sizes), params_dtype)
+
+    def bind(self, layer, local_width: int, dtype: torch.dtype) -> None:
         parent_apply = super().apply
-        plan = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=sum(output_partition_sizes),
+        plan = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=local_width,
                              public=lambda x, bias: parent_apply(layer, x, bias),
-                             engine_key=_engine_key(), dtype=params_dtype)
+                             engine_key=_engine_key(), dtype=dtype)
         self.handle = ops.new_plan(plan)
         layer.slip_plan = plan
+
+    @classmethod
+    def adopt(cls, layer, prefix: str) -> None:
+        """Take over a layer that the model built without a quantization config."""
+        method = cls(prefix)
+        method.bind(layer, layer.weight.shape[0], layer.weight.dtype)
+        layer.quant_method = method
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.slip.protected_linear(x, bias, self.handle)
@@ -73,15 +83,25 @@ class SlipEmbeddingMethod(UnquantizedEmbeddingMethod):
                        output_size, params_dtype, **extra_weight_attrs):
         super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
                                output_size, params_dtype, **extra_weight_attrs)
+        self.bind(layer, input_size_per_partition, sum(output_partition_sizes), params_dtype)
+
+    @classmethod
+    def adopt(cls, layer, prefix: str) -> None:
+        """Take over an embedding that the model built without a quantization config (BERT)."""
+        method = cls(prefix)
+        method.bind(layer, layer.weight.shape[1], layer.weight.shape[0], layer.weight.dtype)
+        layer.quant_method = method
+
+    def bind(self, layer, embedding_dim: int, rows: int, dtype: torch.dtype) -> None:
         parent = super()
         # The same layer serves the lookup (token ids) and, for an LM head or a tied embedding,
         # the logits GEMM; each gets its own plan and handle.
-        lookup = ops.LayerPlan(prefix=self.prefix, kind="embedding", local_width=input_size_per_partition,
+        lookup = ops.LayerPlan(prefix=self.prefix, kind="embedding", local_width=embedding_dim,
                                public=lambda ids: parent.embedding(layer, ids.long()),
-                               engine_key=_engine_key(), dtype=params_dtype)
-        logits = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=sum(output_partition_sizes),
+                               engine_key=_engine_key(), dtype=dtype)
+        logits = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=rows,
                                public=lambda x, bias: parent.apply(layer, x, bias),
-                               engine_key=_engine_key(), dtype=params_dtype)
+                               engine_key=_engine_key(), dtype=dtype)
         self.handle = ops.new_plan(lookup)
         self.logits_handle = ops.new_plan(logits)
         layer.slip_plan = lookup
@@ -95,9 +115,9 @@ class SlipEmbeddingMethod(UnquantizedEmbeddingMethod):
 
     def tie_weights(self, layer, embed_tokens):
         layer.weight = embed_tokens.weight
-        # The LM head now shares the embedding's residual, so it must share its secret too.
-        layer.slip_logits_plan.tied_to = embed_tokens.slip_plan
-        layer.slip_plan.tied_to = embed_tokens.slip_plan
+        # The LM head now shares the embedding's residual, so it must share its secret too; the
+        # embedding's plan may not exist yet (adopted at load time), so keep the module.
+        layer.slip_tied_module = embed_tokens
         return layer
 
 class SlipConfig(QuantizationConfig):
