@@ -33,7 +33,10 @@ Inputs: 0 <= x < p < 2^40, w in [-128, 127] (int8, so |w| <= 2^7), n <= MAX_N = 
     with split-K, the partial recombinations of disjoint K ranges add up to the same bounded total;
   - the correction c_L*rowsum(W) mod p is precomputed per output channel (|rowsum| <= 2^23, and
     c_L mod p is split in two 20-bit halves so no int64 product exceeds 2^43), then one reduction
-    mod p maps the result to [0, p).
+    mod p maps the result to [0, p): on CPU an integer ``torch.remainder``; in the CUDA epilogue
+    two float64 quotient estimates q (they only choose q) with the remainder t - q*p computed
+    exactly in int64 (|q*p| <= |t|(1 + 2^-50) + p < 2^63), then exact compare-and-add fix-ups from
+    (-2p, 2p) into [0, p), so rounding in the estimate can never change the result.
 * ``f64`` (any device): x = a + 2^20 b with a, b in [0, 2^20); the two float64 GEMMs see only
   integers and every partial sum has |.| <= n * 2^7 * (2^20 - 1) < 2^43 < 2^53, so each is exact in
   float64 whatever the summation order; (A mod p) + ((B mod p) << 20) < 2^61 in int64.
@@ -239,8 +242,9 @@ def _recombine(acc: torch.Tensor, offset: torch.Tensor, p: int) -> torch.Tensor:
     L = acc.shape[0]
     tot = acc[L - 1].to(torch.int64)
     for j in range(L - 2, -1, -1):  # Horner; every intermediate is within the final bound
-        tot.mul_(256).add_(acc[j])
-    return torch.remainder(tot + offset, p)  # (out-of-place broadcast add: faster on CPU)
+        torch.add(acc[j], tot, alpha=256, out=tot)
+    tot.add_(offset)
+    return torch.remainder(tot, p, out=tot)  # few passes: each parallel op costs on a busy box
 
 
 def _cpu_int8(x: torch.Tensor, fw: FieldWeight) -> torch.Tensor:

@@ -216,7 +216,7 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
     entries: list[TensorEntry] = []
     factors: dict[str, torch.Tensor] = {}
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(targets, desc="slip protect", unit="matrix", disable=not progress)
+    bar = tqdm(targets, desc="slip protect", unit="matrix", disable=not progress, mininterval=1.0)
     for target in bar:
         key = _resolve_checkpoint_name(target.name, state)
         if key is None:
