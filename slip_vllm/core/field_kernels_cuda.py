@@ -232,6 +232,7 @@ CANDIDATES = [KernelConfig(bm, bt, bk, w, st, 8, 0, mode)
 CANDIDATES += [KernelConfig(64, 16, 128, 4, 4, 8, 0, "fused"), KernelConfig(128, 64, 64, 8, 4, 8, 0, "fused")]
 
 _SM_COUNT = {}
+_INDEX_LIMIT = 2**31 - 1  # largest element offset the kernels may form
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipelined tiles (H100/H200: 227 KB a block)
 
 
@@ -288,14 +289,15 @@ def field_matmul_triton(x: torch.Tensor, fw, config: Optional[KernelConfig] = No
     off = fw.offset
     if T == 0:
         return torch.empty((0, m), dtype=torch.int64, device=x.device)
-    # keep every element offset inside int32 (the kernels index with 32-bit arithmetic)
-    limit = 2**31 - 1
-    rows = max(1, min(T, limit // max(n * L, m * triton.cdiv(n, 16))))
-    if rows < T:
-        return torch.cat([field_matmul_triton(x[i:i + rows], fw, config) for i in range(0, T, rows)])
     cfg = config or pick_config(T, m, n)
-    mode = MODES[cfg.mode]
     split = _split_k(cfg, T, m, n, _sm_count(x.device))
+    # keep every element offset inside int32 (the kernels index with 32-bit arithmetic): chunk T
+    rows = _INDEX_LIMIT // max(n * L, m * split)
+    if rows < T:
+        rows = max(1, rows)
+        fixed = replace(cfg, split_k=split)
+        return torch.cat([field_matmul_triton(x[i:i + rows], fw, fixed) for i in range(0, T, rows)])
+    mode = MODES[cfg.mode]
     k_tiles = triton.cdiv(n, cfg.block_k)
     k_per = triton.cdiv(k_tiles, split) * cfg.block_k
     split = triton.cdiv(n, k_per)

@@ -27,7 +27,7 @@ import torch
 
 from slip_vllm.core.wire import WireError, decode_reply, encode_request
 
-log = logging.getLogger("slip.host")
+log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 APPLY_PATH = "/v1/split/apply"
 BREAKER_OPEN_S = 1.0
 

@@ -19,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger("slip.host")
+log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
 
 def channel_path(engine_key: str) -> Path:

@@ -28,7 +28,7 @@ from slip_vllm.host import client as client_mod
 from slip_vllm.host import ops
 from slip_vllm.settings import settings
 
-log = logging.getLogger("slip.host")
+log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 EXTRA_KEYS = {"service_url"}
 SHARD_ORDER = {"q": 0, "k": 1, "v": 2}
 

@@ -26,7 +26,7 @@ from slip_vllm.core.wire import KIND_EMBED, KIND_LINEAR
 from slip_vllm.host.client import ServiceUnavailable, get_client
 from slip_vllm.host.failure import report_failure
 
-log = logging.getLogger("slip.host")
+log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("slip.host")
+log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 _REGISTERED = False
 
 
@@ -51,6 +51,9 @@ def register() -> None:
     from slip_vllm.host.ops import register_ops
     from slip_vllm.host.quant import SlipConfig
 
+    from slip_vllm.settings import settings
+
+    logging.getLogger("vllm.slip").setLevel(settings().log_level.upper())
     register_quantization_config(QUANT_METHOD)(SlipConfig)
     register_model_loader("slip")(SlipModelLoader)
     register_ops()

@@ -267,6 +267,9 @@ x = torch.full((5, 128), 1099511627688); w = torch.full((64, 128), -128, dtype=t
 for c in cfgs:
     assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, 1099511627689), c),
                        field_matmul_reference(x, w, 1099511627689))
+x = torch.randint(0, 257, (21, 100), generator=g); w = torch.randint(-128, 128, (64, 100), generator=g).to(torch.int8)
+fk._INDEX_LIMIT = 100 * 2 * 4  # forces chunks of 4 tokens (int32 offset guard)
+assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, 257), cfgs[2]), field_matmul_reference(x, w, 257))
 print("INTERPRETER_OK")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

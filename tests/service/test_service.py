@@ -204,3 +204,16 @@ def test_service_never_imports_vllm():
            "print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_split_traffic_reveals_the_secret_to_an_observing_host(service, artifact, manifest):
+    """Why `split` is not safe against a host that watches traffic: it sees x and W_C x for every
+    token, so n independent token rows give W_C exactly by least squares (brief §2)."""
+    entry = next(t for t in manifest["tensors"] if t["name"] == "model.layers.0.mlp.down_proj.weight")
+    m, n = entry["shape"]
+    x = torch.randn(n + 8, n)
+    r = post(service, frame(wire.KIND_LINEAR, (entry["id"],), x))
+    observed = wire.decode_reply(r.content).double()
+    recovered = torch.linalg.lstsq(x.double(), observed).solution.T  # [m, n]
+    truth = secret_of(artifact, entry["name"])
+    assert (torch.linalg.norm(recovered - truth) / torch.linalg.norm(truth)).item() < 1e-5
