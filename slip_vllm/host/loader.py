@@ -37,7 +37,7 @@ class SlipLoadError(RuntimeError):
     pass
 
 
-def check_service(url: str, manifest_sha256: str, wait_s: float, token: str = "") -> dict:
+def check_service(url: str, manifest_sha256: str, wait_s: float) -> dict:
     """Wait for the service and check it holds the bundle paired with this artifact."""
     deadline = time.monotonic() + wait_s
     last = None
@@ -202,7 +202,7 @@ class SlipModelLoader(DefaultModelLoader):
         except ManifestError as exc:
             raise SlipLoadError(str(exc)) from None
         cfg = settings()
-        check_service(self.service_url, digest, cfg.startup_wait_s, cfg.service_token)
+        check_service(self.service_url, digest, cfg.startup_wait_s)
         client_mod.configure(client_mod.ClientConfig(
             url=self.service_url, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
             retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s))
