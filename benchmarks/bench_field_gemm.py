@@ -195,7 +195,6 @@ def run_case(m, n, T, p, device, reps, gen, methods, tune_cfgs=None):
     del outs
     timer = _cuda_graph_timer if device.type == "cuda" else _cpu_timer
     times = timer(fns, rot, reps)
-    del fws, wb
     return times, status
 
 
@@ -203,19 +202,24 @@ def _print_cuda_ceilings(gen):
     """The device's measured ceilings: bf16 and int8 (torch._int_mm, B column-major) GEMM rates on
     8192^3 random data, and device-to-device copy bandwidth (bytes read + written)."""
     N = 8192
-    a = torch.randn((N, N), generator=gen).to(torch.bfloat16).cuda()
-    b = torch.randn((N, N), generator=gen).to(torch.bfloat16).cuda()
-    a8 = torch.randint(-128, 128, (N, N), generator=gen, dtype=torch.int8).cuda()
-    b8 = torch.randint(-128, 128, (N, N), generator=gen, dtype=torch.int8).cuda()
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    t = _cuda_graph_timer({"bf16": lambda i: a @ b.t(), "int8": lambda i: torch._int_mm(a8, b8.t()),
-                           "copy": lambda i: dst.copy_(src)}, {"bf16": 1, "int8": 1, "copy": 1}, 5, 20e-3)
+    d = {
+        "a": torch.randn((N, N), generator=gen).to(torch.bfloat16).cuda(),
+        "b": torch.randn((N, N), generator=gen).to(torch.bfloat16).cuda(),
+        "a8": torch.randint(-128, 128, (N, N), generator=gen, dtype=torch.int8).cuda(),
+        "b8": torch.randint(-128, 128, (N, N), generator=gen, dtype=torch.int8).cuda(),
+        "src": torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(),
+    }
+    d["dst"] = torch.empty_like(d["src"])
+    nbytes = 2 * d["src"].numel()
+    t = _cuda_graph_timer({"bf16": lambda i: d["a"] @ d["b"].t(),
+                           "int8": lambda i: torch._int_mm(d["a8"], d["b8"].t()),
+                           "copy": lambda i: d["dst"].copy_(d["src"])},
+                          {"bf16": 1, "int8": 1, "copy": 1}, 5, 20e-3)
     line = (f"Measured ceilings: bf16 GEMM 8192^3 {2 * N**3 / t['bf16'] / 1e12:.0f} TFLOP/s, "
             f"int8 GEMM 8192^3 (torch._int_mm, B column-major) {2 * N**3 / t['int8'] / 1e12:.0f} TOP/s, "
-            f"device copy {2 * src.numel() / t['copy'] / 1e12:.2f} TB/s (read + write).")
+            f"device copy {nbytes / t['copy'] / 1e12:.2f} TB/s (read + write).")
     print("# " + line, flush=True)
-    del a, b, a8, b8, src, dst
+    d.clear()
     torch.cuda.empty_cache()
     return line
 

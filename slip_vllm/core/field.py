@@ -49,6 +49,7 @@ The bounds need n <= 2^16 (the largest Llama-family inner dimension is 53248); l
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from dataclasses import dataclass, field as _dc_field
 from typing import Callable, Dict, Optional, Union
@@ -305,9 +306,7 @@ _BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {
 
 @functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
+    if importlib.util.find_spec("triton") is None:
         return False
     return torch.cuda.is_available()
 
@@ -338,8 +337,8 @@ def field_matmul(
 
     x_masked: int64 [T, n] (or [n]) with values in [0, p); w_q: int8 [m, n] or a ``FieldWeight``
     prepared for the same p; both on one device.  Returns int64 [T, m] (or [m]) on that device.
-    backend: None picks by device (CUDA: the fused Triton kernel; CPU: one int8 GEMM over stacked
-    limbs); "reference", "cpu_int8", "naive_int8", "f64", "triton" force one.  validate=True also
+    backend: None picks by device (CUDA: the Triton kernel, one int8 tensor-core product per limb
+    with W read once and mod p in its epilogue; CPU: one int8 GEMM over the stacked limbs); "reference", "cpu_int8", "naive_int8", "f64", "triton" force one.  validate=True also
     checks the value range of x (costs a device sync).
     """
     fw = w_q if isinstance(w_q, FieldWeight) else FieldWeight(w_q, p)

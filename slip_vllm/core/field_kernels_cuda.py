@@ -29,9 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-_LO_XOR = -2139062144  # 0x80808080 as a signed int32
-
-
 @triton.jit
 def _split_limbs_kernel(X, XL, numel, plane, L: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
