@@ -42,7 +42,7 @@ def llama(model_factory, log_dir):
     stack.stop()
 
 
-@pytest.fixture(scope="module", params=[("qwen2", True), ("gpt2", True), ("mistral", False)],
+@pytest.fixture(scope="module", params=[("qwen2", True), ("gpt2", True), ("mistral", False), ("qwen3", False)],
                 ids=lambda p: p[0])
 def other(request, model_factory, log_dir):
     family, tie = request.param
