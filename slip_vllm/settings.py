@@ -60,6 +60,17 @@ class Settings:
         default=0,
         metadata={"env": "SLIP_SERVICE_THREADS", "help": "torch threads in the service (0: torch's default)"},
     )
+    mask_pool_rows: int = field(
+        default=128,
+        metadata={
+            "env": "SLIP_MASK_POOL_ROWS",
+            "help": "shielded: one-time mask pairs (r, W_q r) precomputed ahead per layer (8*(n+m) bytes each; 0: on demand only)",
+        },
+    )
+    mask_precompute_chunk: int = field(
+        default=32,
+        metadata={"env": "SLIP_MASK_PRECOMPUTE_CHUNK", "help": "shielded: mask rows the background thread makes per batch"},
+    )
     log_level: str = field(
         default="INFO",
         metadata={"env": "SLIP_LOG_LEVEL", "help": "log level of the plugin and the service"},

@@ -1,0 +1,231 @@
+"""One-time masks: CSPRNG uniformity, what the host sees, freshness, and the precompute pool.
+
+Every statistical test has a negative control that must fail, so a broken mask source is caught
+(a chi-square p-value below 1e-6 counts as "not uniform"; an honest run fails a test with
+probability about 1e-6).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from secure_service.masks import MaskAuditRecorder, MaskBatch, PooledMaskProvider, csprng_field_elements
+from secure_service.shielded_linear import ShieldedLinear
+from slip_vllm.core.field import choose_prime, field_matmul, field_matmul_reference
+from slip_vllm.core.quantize import PublicWeight, quantize_activations, quantize_weight, select_prime
+
+ALPHA = 1e-6
+
+
+def _uniform_pvalue(values: np.ndarray, p: int, bins: int = 64) -> float:
+    """Chi-square p-value of values in [0, p) against uniform, on top-bit buckets floor(v*bins/p).
+
+    Bucket sizes differ by at most one element out of ~p/bins, negligible for the p used here.
+    """
+    v = np.asarray(values, dtype=object if p > 2**31 else np.int64)
+    b = np.array([(int(a) * bins) // p for a in v.ravel()]) if v.dtype == object else (v.ravel() * bins) // p
+    counts = np.bincount(b, minlength=bins)
+    return float(stats.chisquare(counts).pvalue)
+
+
+def _low_bits_pvalue(values: np.ndarray, bins: int = 64) -> float:
+    counts = np.bincount(np.asarray(values).ravel() % bins, minlength=bins)
+    return float(stats.chisquare(counts).pvalue)
+
+
+@pytest.mark.parametrize("p", [251, 257, 65537, 2**31 - 1])
+def test_csprng_field_elements_exactly_uniform(p):
+    v = csprng_field_elements((400, 500), p)
+    assert v.dtype == torch.int64 and v.shape == (400, 500)
+    assert int(v.min()) >= 0 and int(v.max()) < p
+    a = v.numpy().ravel()
+    if p < 70000:  # one bin per element of Z_p: any bias of a modulo reduction would show
+        counts = np.bincount(a, minlength=p)
+        assert stats.chisquare(counts).pvalue > ALPHA
+    else:
+        assert _uniform_pvalue(a, p) > ALPHA and _low_bits_pvalue(a) > ALPHA
+    # negative control: the same test rejects "bits(p-1) random bits, reduced mod p" (the values
+    # below 2^b - p come up twice as often), the shortcut that rejection sampling avoids
+    if p < 1000:  # (for p just above a power of two only two values are rarer: too few samples here)
+        b = (p - 1).bit_length()
+        raw = np.random.default_rng(0).integers(0, 1 << b, size=a.size)
+        assert stats.chisquare(np.bincount(raw % p, minlength=p)).pvalue < ALPHA
+
+
+def _provider_and_layers(shapes, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    qs = {name: quantize_weight(torch.randn(m, n, generator=g)) for name, (m, n) in shapes.items()}
+    p = select_prime([q.w_q for q in qs.values()])
+    pws = {name: PublicWeight(q.w_q, p) for name, q in qs.items()}
+    return p, pws, qs, g
+
+
+def test_pairs_are_exact_images():
+    p, pws, _, _ = _provider_and_layers({"a": (24, 40)})
+    with PooledMaskProvider(pws, p, pool_rows=8, chunk_rows=3, start=False) as prov:
+        prov.prefill()
+        for rows in (5, 4, 0, 9):  # pool, pool+on demand, empty, on demand
+            batch = prov.take("a", rows)
+            assert batch.r.shape == (rows, 40) and batch.wr.shape == (rows, 24)
+            if rows:
+                assert int(batch.r.min()) >= 0 and int(batch.r.max()) < p
+                assert torch.equal(batch.wr, field_matmul_reference(batch.r, pws["a"].w_q, p))
+            batch.destroy()
+            assert batch.destroyed and int(batch.r.abs().sum()) == 0 and int(batch.wr.abs().sum()) == 0
+
+
+def test_host_view_in_field_fresh_and_uniform():
+    """A recorded run: every value the host gets is in [0, p); no mask row repeats; masked rows of
+    adversarial constant inputs pass uniformity tests, and differences of rows with equal inputs too."""
+    shapes = {"qkv": (96, 64), "o": (64, 64), "up": (128, 64), "down": (64, 128)}
+    p, pws, qs, g = _provider_and_layers(shapes, seed=1)
+    rec = MaskAuditRecorder()
+    seen_by_input = {"zeros": [], "const": [], "onehot": [], "random": []}
+    with PooledMaskProvider(pws, p, pool_rows=32, chunk_rows=8, recorder=rec) as prov:
+        layers = {k: ShieldedLinear(k, pws[k], qs[k].scale, prov) for k in shapes}
+        total = 0
+        for step in range(30):
+            for name, lin in layers.items():
+                n = lin.n
+                inputs = {
+                    "zeros": torch.zeros(4, n),
+                    "const": torch.full((4, n), 2.0),
+                    "onehot": torch.eye(n)[:4] * 7,
+                    "random": torch.randn(4, n, generator=g),
+                }
+                x = torch.cat(list(inputs.values()))
+                x_masked, ticket = lin.mask(x)
+                total += x.shape[0]
+                assert x_masked.dtype == torch.int64
+                assert int(x_masked.min()) >= 0 and int(x_masked.max()) < p
+                for i, key in enumerate(inputs):
+                    seen_by_input[key].append(x_masked[4 * i:4 * i + 4].numpy().copy())
+                lin.unmask(ticket, lin.host_step(x_masked))
+        assert rec.rows_recorded == total == 30 * 4 * 16
+        assert rec.unique_rows == total and rec.duplicates == []
+        assert sum(rec.rows_per_layer.values()) == total
+    for key, chunks in seen_by_input.items():
+        vals = np.concatenate([c.ravel() for c in chunks])
+        assert _uniform_pvalue(vals, p) > ALPHA, key
+        assert _low_bits_pvalue(vals) > ALPHA, key
+    # equal inputs, different rows: the difference of masked rows is uniform too (it would be 0
+    # everywhere if a mask were reused, and low-dimensional if masks were combinations of a basis)
+    zeros = np.concatenate([c for c in seen_by_input["zeros"] if c.shape[1] == 64])
+    diffs = (zeros[1:] - zeros[:-1]) % p
+    assert _uniform_pvalue(diffs, p) > ALPHA
+    # rank check: masked rows of one constant input span the full space
+    assert np.linalg.matrix_rank(zeros[:80].astype(np.float64)) == 64
+    # the two constant inputs give indistinguishable histograms
+    h = [np.bincount((np.concatenate([c.ravel() for c in seen_by_input[k]]) * 32) // p, minlength=32)
+         for k in ("zeros", "const")]
+    assert stats.chi2_contingency(np.stack(h)).pvalue > ALPHA
+
+
+def test_negative_controls_fail():
+    """The audits above are able to fail: unmasked values are not uniform, a reused mask repeats."""
+    p = choose_prime(2 * 64 * 127 * 32767)
+    x_q, _ = quantize_activations(torch.full((64, 64), 2.0))
+    assert _uniform_pvalue(torch.remainder(x_q, p).numpy(), p) < ALPHA
+
+    class Reusing(PooledMaskProvider):  # a broken provider that hands the same stored mask out again
+        def take(self, layer_id, rows):
+            if not hasattr(self, "_stored"):
+                self._stored = super().take(layer_id, rows)
+            return MaskBatch(layer_id, self._stored.r.clone(), self._stored.wr.clone())
+
+    p2, pws, qs, _ = _provider_and_layers({"a": (16, 64)})
+    rec = MaskAuditRecorder()
+    prov = Reusing(pws, p2, pool_rows=0, recorder=rec)
+    lin = ShieldedLinear("a", pws["a"], qs["a"].scale, prov)
+    outs = []
+    for _ in range(3):
+        xm, t = lin.mask(torch.zeros(2, 64))
+        outs.append(xm)
+        lin.discard(t)
+    prov.recorder.record("a", torch.cat(outs))  # what an auditor of the traffic would fingerprint
+    assert rec.duplicates  # repeated rows are reported
+    diffs = (outs[1] - outs[0]) % p2
+    assert int(diffs.abs().sum()) == 0  # and equal inputs give equal masked rows: obvious to the host
+
+
+def test_pool_fills_in_background_and_counts():
+    p, pws, _, _ = _provider_and_layers({"a": (32, 48), "b": (48, 32)})
+    with PooledMaskProvider(pws, p, pool_rows=40, chunk_rows=16) as prov:
+        assert prov.wait_filled(20.0)
+        assert prov.pooled("a") == 40 and prov.pooled("b") == 40
+        s = prov.stats()
+        assert s["rows_generated"] >= 80 and s["pool_hits"] == 0 and s["pool_misses"] == 0
+        assert s["precompute_seconds"] > 0 and s["seconds_per_row_precompute"] > 0
+        prov.take("a", 10).destroy()
+        s = prov.stats()
+        assert s["pool_hits"] == 10 and s["pool_misses"] == 0
+        assert prov.wait_filled(20.0)  # refilled ahead of demand
+        assert prov.stats()["rows_generated"] >= 90
+
+
+def test_on_demand_when_empty_and_pool_copies_overwritten():
+    p, pws, _, _ = _provider_and_layers({"a": (32, 48)})
+    rec = MaskAuditRecorder()
+    prov = PooledMaskProvider(pws, p, pool_rows=20, chunk_rows=8, recorder=rec, start=False)
+    prov.prefill()
+    assert prov.pooled("a") == 20
+    chunks = list(prov._layers["a"].chunks)  # keep references to the pool's own buffers
+    batch = prov.take("a", 30)
+    assert batch.rows == 30
+    s = prov.stats()
+    assert (s["pool_hits"], s["pool_misses"]) == (20, 10) and s["seconds_per_row_on_demand"] > 0
+    assert prov.pooled("a") == 0
+    for c in chunks:  # handed-out rows no longer exist in the pool
+        assert int(c.r.abs().sum()) == 0 and int(c.wr.abs().sum()) == 0
+    assert torch.equal(batch.wr, field_matmul(batch.r, pws["a"].w_q, p))
+    more = prov.take("a", 5)  # empty pool: on demand, fresh rows
+    assert prov.stats()["pool_misses"] == 15
+    assert rec.duplicates == [] and rec.rows_recorded == 35
+    assert not any(torch.equal(row, old) for row in more.r for old in batch.r)
+    with PooledMaskProvider(pws, p, pool_rows=0) as only_on_demand:
+        only_on_demand.take("a", 3)
+        assert only_on_demand.stats()["pool_misses"] == 3 and only_on_demand._thread is None
+    with pytest.raises(KeyError):
+        prov.take("zzz", 1)
+    with pytest.raises(ValueError):
+        prov.take("a", -1)
+    prov.close()
+
+
+def test_concurrent_takers_never_share_a_row():
+    p, pws, _, _ = _provider_and_layers({"a": (16, 24), "b": (24, 16)})
+    rec = MaskAuditRecorder()
+    requested = []
+    lock = threading.Lock()
+    errors = []
+    with PooledMaskProvider(pws, p, pool_rows=24, chunk_rows=5, recorder=rec) as prov:
+        def worker(seed):
+            rng = np.random.default_rng(seed)
+            try:
+                for _ in range(60):
+                    layer = "a" if rng.random() < 0.5 else "b"
+                    rows = int(rng.integers(0, 9))
+                    batch = prov.take(layer, rows)
+                    assert batch.rows == rows
+                    with lock:
+                        requested.append(rows)
+                    batch.destroy()
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        s = prov.stats()
+    total = sum(requested)
+    assert rec.rows_recorded == total and rec.unique_rows == total and rec.duplicates == []
+    assert s["pool_hits"] + s["pool_misses"] == total
+    assert s["pool_hits"] > 0
