@@ -1,7 +1,6 @@
 """Encoders on /v1/embeddings, the offline LLM API, and start-up failures that must be loud."""
 
 import json
-import shutil
 import subprocess
 import sys
 
