@@ -1,0 +1,536 @@
+"""TRUSTED side: the secure service's executor of protocol ``shielded`` for the Llama family.
+
+What this module owns
+---------------------
+``ShieldedExecutor`` runs a whole decoder-only model of the Llama family (Llama, Mistral, Qwen2 with
+q/k/v biases, Qwen3 with q/k norms; grouped-query attention; tied embeddings) for one forward step
+of a batch, while every large matrix product is delegated to the untrusted host through masked
+public GEMMs.  It owns:
+
+* the residual stream, the embedding lookup (token ids are not secret), the RMSNorms (the model
+  library's own modules with the checkpoint's gains), RoPE (the model library's own rotary module,
+  so every rope-scaling variant of the config is honoured), attention and its paged KV cache, the
+  activation function (the library's ``ACT2FN[config.hidden_act]``), the biases and the secret
+  low-rank terms W_C = left @ right of every projection;
+* one ``ShieldedLinear`` per fused public GEMM of each layer (qkv, o, gate_up, down) and one for
+  the LM head, with the model's prime p, mask provider, Freivalds keys and alarm counter.
+
+It does not own transport (the host is an abstract callback ``host_gemm(layer_key, x_masked) ->
+y_masked``), scheduling (block tables, slot mapping and sequence lengths come from the host's
+scheduler, as in vLLM's runner) or sampling (float logits are returned for the host's sampler).
+
+Where it runs and what it holds
+-------------------------------
+Inside the secure service only; it must never import vLLM.  It holds secrets: the low-rank factors,
+the quantization scales, norm gains, biases, the embedding table, the KV cache and every plaintext
+activation.  Only masked activations x~ (uniform in Z_p) are handed to ``host_gemm``; the host holds
+the public int8 weights W_q (``public_weights()``) and p.
+
+Build (``from_checkpoint``)
+---------------------------
+From an original Hugging Face checkpoint directory: the config through ``AutoConfig``; every
+projection W (q, k, v, o, gate, up, down, LM head; the LM head is the embedding when tied) is split
+by ``decompose.split_matrix`` (with blinding and a ``RankPolicy``) into W_C (factors) + W_D; W_D is
+quantized per output channel to int8.  Fused layers concatenate the public rows ([W_q; W_k; W_v],
+[W_gate; W_up]), their low-rank factors as a block-diagonal left factor and stacked right factors,
+and their biases.  One prime p for the whole model from ``quantize.select_prime``.
+
+Data flow of one ``step`` (flattened mixed prefill/decode batch of N tokens, S sequences)
+-----------------------------------------------------------------------------------------
+0. service: h = E[input_ids] (float32 [N, d]); (cos, sin) = rotary(positions) once per step.
+For every decoder layer l:
+1. service: x = input_norm(h); masked GEMM "layers.l.qkv" (mask, one host call for the whole
+   batch, Freivalds check, unmask, + W_C x + b) -> [q; k; v].
+2. service: Qwen3 only: q = q_norm(q), k = k_norm(k) per head; RoPE on q and k at ``positions``;
+   write k, v into the paged cache at ``slot_mapping`` (slot = block * block_size + offset).
+3. service: attention per sequence s: its query rows are query_start_loc[s]:query_start_loc[s+1]
+   (q_len rows, the last q_len of its seq_lens[s] tokens, as in vLLM), its keys/values the first
+   seq_lens[s] cached tokens gathered through block_tables[s]; causal (key j visible to query i iff
+   j <= seq_len - q_len + i, and within the sliding window where the config has one); grouped-query
+   heads share K/V; eager float32 softmax.
+4. service -> host -> service: masked GEMM "layers.l.o"; h = h + o.
+5. service: x = post_attention_norm(h); masked GEMM "layers.l.gate_up" -> [gate; up];
+   a = act(gate) * up.
+6. service -> host -> service: masked GEMM "layers.l.down"; h = h + down.
+Then: h = norm(h[logits_indices]); masked GEMM "lm_head" -> float logits for the host's sampler.
+So each step makes exactly 4 host calls per layer + 1, whatever the batch holds.
+
+Failure: if any host answer fails its check (``IntegrityError``, alarm raised by ``ShieldedLinear``)
+or anything else raises, the step is refused as a whole: the KV-cache slots the step wrote are
+restored to their previous contents, so the executor stays consistent and usable for the next step
+(fail closed).
+
+Modes (``mode=``), the same glue and the same split in all three:
+* ``"shielded"`` (the protocol): masked host GEMMs as above;
+* ``"fixed_point"``: no masks, no host; every projection is ``quantize.shielded_linear_reference``
+  (the bit-exact specification of ``ShieldedLinear``), so its logits must equal ``"shielded"``'s
+  bit for bit: any difference is a protocol or glue bug, not quantization;
+* ``"float"``: no quantization, no host; W_D x + W_C x + b in float64 with the unquantized W_D:
+  must match the original model up to float rounding, which separates the quantization error of
+  ``shielded`` from logic errors of the glue.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from secure_service.integrity import AlarmCounter
+from secure_service.masks import MaskProvider, PooledMaskProvider
+from secure_service.shielded_linear import ShieldedLinear
+from slip_vllm.core.decompose import RankPolicy, split_matrix
+from slip_vllm.core.quantize import (
+    DEFAULT_ACT_BITS,
+    PublicWeight,
+    low_rank_term,
+    quantize_weight,
+    select_prime,
+    shielded_linear_reference,
+)
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "MODES", "HostGemm", "FusedSplit", "PagedKVCache", "ShieldedExecutor"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODES = ("shielded", "fixed_point", "float")
+
+HostGemm = Callable[[str, torch.Tensor], torch.Tensor]  # (layer key, x~ int64 [T, n]) -> y~ int64 [T, m]
+
+
+# ---------------------------------------------------------------------------------------------
+# split parameters of one (fused) public GEMM
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusedSplit:
+    """W = left @ right + public (+ bias) for one fused public GEMM, in [out, in] orientation.
+
+    left [m, K] (block diagonal over the fused parts), right [K, n], public float32 [m, n] (W_D
+    before quantization), bias float32 [m] or None, parts: the output sizes of the fused parts.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    public: torch.Tensor
+    bias: Optional[torch.Tensor]
+    parts: Tuple[int, ...]
+
+
+def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], policy: RankPolicy,
+                generator: torch.Generator, blind: bool = True) -> FusedSplit:
+    """Split each part with ``split_matrix`` and fuse: public rows stacked, factors block diagonal."""
+    splits = [split_matrix(w, policy, generator, blind=blind) for w in weights]
+    m = sum(int(s.public.shape[0]) for s in splits)
+    k = sum(s.rank for s in splits)
+    left = torch.zeros(m, k, dtype=torch.float32)
+    row = col = 0
+    for s in splits:
+        left[row:row + s.left.shape[0], col:col + s.rank] = s.left
+        row += int(s.left.shape[0])
+        col += s.rank
+    right = torch.cat([s.right for s in splits], dim=0).contiguous()
+    public = torch.cat([s.public for s in splits], dim=0).contiguous()
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.float() if b is not None else torch.zeros(w.shape[0]) for w, b in zip(weights, biases)])
+    return FusedSplit(left=left, right=right, public=public, bias=bias,
+                      parts=tuple(int(w.shape[0]) for w in weights))
+
+
+# ---------------------------------------------------------------------------------------------
+# the paged KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+class PagedKVCache:
+    """K and V of every layer in vLLM's paged layout: [layers, num_blocks, block_size, kv_heads, head_dim].
+
+    A token's slot s = block * block_size + offset (``slot_mapping``); a sequence's j-th token is in
+    block ``block_tables[s, j // block_size]`` at offset ``j % block_size``.
+    """
+
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks, self.block_size = int(num_blocks), int(block_size)
+        shape = (layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def flat(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views [num_slots, kv_heads, head_dim] of one layer's K and V."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def save(self, slots: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Copies of every layer's K/V at ``slots`` (to restore a refused step)."""
+        k = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
+        v = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+        return k[:, slots].clone(), v[:, slots].clone()
+
+    def restore(self, slots: torch.Tensor, saved: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        k = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
+        v = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+        # every saved copy of a slot listed twice holds the same pre-step contents
+        k[:, slots] = saved[0]
+        v[:, slots] = saved[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint and model-library pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_state(model_dir: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights")
+    state: Dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _family_module(config):
+    """The model library's modeling module and class-name prefix for this config."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {config.model_type!r} is not supported by the shielded executor "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    archs = getattr(config, "architectures", None) or []
+    prefix = None
+    for arch in archs:
+        if arch.endswith("ForCausalLM") and hasattr(module, arch[:-len("ForCausalLM")] + "RMSNorm"):
+            prefix = arch[:-len("ForCausalLM")]
+    if prefix is None:
+        candidates = [n[:-len("RMSNorm")] for n in dir(module) if n.endswith("RMSNorm")]
+        if len(candidates) != 1:
+            raise ValueError(f"cannot find the RMSNorm class of model type {config.model_type!r}")
+        prefix = candidates[0]
+    return module, prefix
+
+
+def _norm(cls, weight: torch.Tensor, eps: float) -> torch.nn.Module:
+    mod = cls(int(weight.shape[0]), eps=eps)
+    with torch.no_grad():
+        mod.weight.copy_(weight.float())
+    return mod.float().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# the executor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    q_norm: Optional[torch.nn.Module]
+    k_norm: Optional[torch.nn.Module]
+    sliding_window: Optional[int]
+
+
+class ShieldedExecutor:
+    """Trusted-side forward of a Llama-family model whose projections run as masked host GEMMs.
+
+    Build it with ``from_checkpoint``.  ``step`` runs one batch (see the module docstring);
+    ``public_weights()`` is what the host gets; ``host_calls`` lists the layer keys of the last
+    step's host calls, in order.
+    """
+
+    def __init__(self, config, splits: Dict[str, FusedSplit], embed: torch.Tensor, norms: Dict[str, torch.Tensor],
+                 *, num_blocks: int, block_size: int, mode: str = "shielded", weight_bits: int = 8,
+                 act_bits: int = DEFAULT_ACT_BITS, masks: Optional[MaskProvider] = None,
+                 pool_rows: Optional[int] = None, alarms: Optional[AlarmCounter] = None):
+        module, prefix = _family_module(config)
+        self.config = config
+        self.model_type = config.model_type
+        self.hidden = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.num_heads)
+        self.scaling = self.head_dim ** -0.5
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.act_bits = act_bits
+
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[config.hidden_act]
+        rms_cls = getattr(module, prefix + "RMSNorm")
+        self.rotary = getattr(module, prefix + "RotaryEmbedding")(config=config).float().eval()
+        self.apply_rotary = module.apply_rotary_pos_emb
+        eps = float(config.rms_norm_eps)
+        layer_types = getattr(config, "layer_types", None)
+        self.layers: List[_Layer] = []
+        for i in range(self.num_layers):
+            window = None
+            if layer_types is not None and layer_types[i] == "sliding_attention":
+                window = getattr(config, "sliding_window", None)
+            elif layer_types is None and getattr(config, "sliding_window", None):
+                window = config.sliding_window  # Mistral: one window for every layer
+            qn = norms.get(f"layers.{i}.q_norm")
+            kn = norms.get(f"layers.{i}.k_norm")
+            self.layers.append(_Layer(
+                input_norm=_norm(rms_cls, norms[f"layers.{i}.input_norm"], eps),
+                post_norm=_norm(rms_cls, norms[f"layers.{i}.post_norm"], eps),
+                q_norm=_norm(rms_cls, qn, eps) if qn is not None else None,
+                k_norm=_norm(rms_cls, kn, eps) if kn is not None else None,
+                sliding_window=int(window) if window else None))
+        self.final_norm = _norm(rms_cls, norms["norm"], eps)
+        self.embed = embed.float().contiguous()
+        self.vocab = int(self.embed.shape[0])
+        self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        self.splits = splits
+        self.host_calls: List[str] = []
+        self.alarms = alarms if alarms is not None else AlarmCounter()
+
+        self._shielded: Dict[str, ShieldedLinear] = {}
+        self._public: Dict[str, PublicWeight] = {}
+        self.p: Optional[int] = None
+        self.masks: Optional[MaskProvider] = None
+        if mode == "float":
+            return
+        self._quantized = {key: quantize_weight(s.public, weight_bits) for key, s in splits.items()}
+        self.p = select_prime({key: q.w_q for key, q in self._quantized.items()}, act_bits=act_bits)
+        if mode == "fixed_point":
+            return
+        quantized = self._quantized
+        self._public = {key: PublicWeight(q.w_q, self.p) for key, q in quantized.items()}
+        if masks is None:
+            masks = PooledMaskProvider(self._public, self.p, pool_rows=pool_rows)
+        self.masks = masks
+        for key, s in splits.items():
+            self._shielded[key] = ShieldedLinear(key, self._public[key], quantized[key].scale, masks,
+                                                 alarms=self.alarms, low_rank=(s.left, s.right), bias=s.bias,
+                                                 act_bits=act_bits, out_dtype=torch.float32)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: Union[str, Path], policy: RankPolicy, *, seed: int = 0, blind: bool = True,
+                        **kwargs) -> "ShieldedExecutor":
+        """Split an original HF checkpoint (see the module docstring) and build the executor.
+
+        kwargs go to the constructor (num_blocks, block_size, mode, weight_bits, act_bits,
+        masks, pool_rows, alarms).  ``seed`` seeds the blinding generator (same seed, same split).
+        """
+        from transformers import AutoConfig
+
+        model_dir = Path(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        _family_module(config)  # refuse unsupported families before any work
+        state = _load_state(model_dir)
+        gen = torch.Generator().manual_seed(seed)
+
+        def get(name: str) -> Optional[torch.Tensor]:
+            t = state.get(name)
+            return None if t is None else t.detach().float()
+
+        def need(name: str) -> torch.Tensor:
+            t = get(name)
+            if t is None:
+                raise KeyError(f"checkpoint {model_dir} lacks {name}")
+            return t
+
+        splits: Dict[str, FusedSplit] = {}
+        norms: Dict[str, torch.Tensor] = {}
+        for i in range(int(config.num_hidden_layers)):
+            pre = f"model.layers.{i}."
+            att, mlp = pre + "self_attn.", pre + "mlp."
+            qkv = [att + f"{x}_proj" for x in "qkv"]
+            splits[f"layers.{i}.qkv"] = fuse_splits([need(n + ".weight") for n in qkv],
+                                                    [get(n + ".bias") for n in qkv], policy, gen, blind)
+            splits[f"layers.{i}.o"] = fuse_splits([need(att + "o_proj.weight")], [get(att + "o_proj.bias")],
+                                                  policy, gen, blind)
+            gu = [mlp + "gate_proj", mlp + "up_proj"]
+            splits[f"layers.{i}.gate_up"] = fuse_splits([need(n + ".weight") for n in gu],
+                                                        [get(n + ".bias") for n in gu], policy, gen, blind)
+            splits[f"layers.{i}.down"] = fuse_splits([need(mlp + "down_proj.weight")], [get(mlp + "down_proj.bias")],
+                                                     policy, gen, blind)
+            norms[f"layers.{i}.input_norm"] = need(pre + "input_layernorm.weight")
+            norms[f"layers.{i}.post_norm"] = need(pre + "post_attention_layernorm.weight")
+            for which in ("q_norm", "k_norm"):
+                t = get(att + which + ".weight")
+                if t is not None:
+                    norms[f"layers.{i}.{which}"] = t
+        norms["norm"] = need("model.norm.weight")
+        embed = need("model.embed_tokens.weight")
+        head = get("lm_head.weight")
+        if bool(getattr(config, "tie_word_embeddings", False)) or head is None:
+            head = embed
+        splits["lm_head"] = fuse_splits([head], [get("lm_head.bias")], policy, gen, blind)
+        return cls(config, splits, embed, norms, **kwargs)
+
+    # -- what the host gets -------------------------------------------------------------------
+
+    def public_weights(self) -> Dict[str, torch.Tensor]:
+        """Layer key -> public int8 W_q [m, n] (the host's weights; p is ``self.p``)."""
+        if self.mode != "shielded":
+            raise RuntimeError(f"the {self.mode!r} executor has no host and no public weights")
+        return {key: pw.w_q for key, pw in self._public.items()}
+
+    def layer_keys(self) -> List[str]:
+        keys = []
+        for i in range(self.num_layers):
+            keys += [f"layers.{i}.qkv", f"layers.{i}.o", f"layers.{i}.gate_up", f"layers.{i}.down"]
+        return keys + ["lm_head"]
+
+    # -- one projection -----------------------------------------------------------------------
+
+    def _linear(self, key: str, x: torch.Tensor, host_gemm: Optional[HostGemm]) -> torch.Tensor:
+        if self.mode == "float":
+            s = self.splits[key]
+            y = x.double() @ s.public.double().t() + low_rank_term(x, (s.left, s.right))
+            if s.bias is not None:
+                y = y + s.bias.double()[None, :]
+            return y.float()
+        if self.mode == "fixed_point":
+            s, q = self.splits[key], self._quantized[key]
+            return shielded_linear_reference(x, q.w_q, q.scale, self.p, act_bits=self.act_bits,
+                                             low_rank=(s.left, s.right), bias=s.bias, out_dtype=torch.float32)
+        lin = self._shielded[key]
+        x_masked, ticket = lin.mask(x)
+        try:
+            self.host_calls.append(key)
+            y_masked = host_gemm(key, x_masked)
+        except BaseException:
+            lin.discard(ticket)
+            raise
+        return lin.unmask(ticket, y_masked)
+
+    # -- attention ----------------------------------------------------------------------------
+
+    def _attention(self, layer: int, q: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                   block_tables: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D] -> [N, H*D]: causal attention of each sequence over its cached tokens."""
+        k_flat, v_flat = self.cache.flat(layer)
+        bs = self.cache.block_size
+        groups = self.num_heads // self.num_kv_heads
+        window = self.layers[layer].sliding_window
+        out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=torch.float32)
+        for s in range(int(seq_lens.shape[0])):
+            lo, hi = int(query_start_loc[s]), int(query_start_loc[s + 1])
+            q_len, seq_len = hi - lo, int(seq_lens[s])
+            if q_len == 0:
+                continue
+            j = torch.arange(seq_len)
+            slots = block_tables[s, j // bs].long() * bs + j % bs
+            k = k_flat[slots].repeat_interleave(groups, dim=1)  # [seq_len, H, D]
+            v = v_flat[slots].repeat_interleave(groups, dim=1)
+            qs = q[lo:hi].transpose(0, 1)                         # [H, q_len, D]
+            scores = qs @ k.permute(1, 2, 0) * self.scaling        # [H, q_len, seq_len]
+            q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+            allowed = j[None, :] <= q_pos
+            if window is not None:
+                allowed &= j[None, :] > q_pos - window
+            scores = scores.masked_fill(~allowed[None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            out[lo:hi] = (probs @ v.transpose(0, 1)).transpose(0, 1)
+        return out.reshape(q.shape[0], -1)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _check_batch(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables):
+        n = int(input_ids.shape[0])
+        if input_ids.dim() != 1 or positions.shape != (n,) or slot_mapping.shape != (n,):
+            raise ValueError("input_ids, positions and slot_mapping must be 1-D of the same length")
+        s = int(seq_lens.shape[0])
+        if query_start_loc.shape != (s + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != s:
+            raise ValueError("query_start_loc must be [S+1] and block_tables [S, max_blocks] for S = len(seq_lens)")
+        if int(query_start_loc[0]) != 0 or int(query_start_loc[-1]) != n or bool((query_start_loc.diff() < 0).any()):
+            raise ValueError("query_start_loc must rise from 0 to the number of tokens")
+        if bool(((input_ids < 0) | (input_ids >= self.vocab)).any()):
+            raise ValueError("token id out of range")
+        if n and bool(((slot_mapping < 0) | (slot_mapping >= self.cache.num_slots)).any()):
+            raise ValueError("slot out of range")
+        q_lens = query_start_loc.diff()
+        if bool((seq_lens < q_lens).any()) or bool((seq_lens > block_tables.shape[1] * self.cache.block_size).any()):
+            raise ValueError("seq_lens must cover the query tokens and fit the block tables")
+        # a sequence's query tokens are its last q_len tokens: positions seq_len - q_len, ..., seq_len - 1
+        start = torch.repeat_interleave(seq_lens - q_lens - query_start_loc[:-1], q_lens)
+        if not torch.equal(positions, start + torch.arange(n)):
+            raise ValueError("positions do not match seq_lens and query_start_loc")
+        if bool((block_tables < 0).any()) or bool((block_tables >= self.cache.num_blocks).any()):
+            raise ValueError("block table entry out of range")
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+             host_gemm: Optional[HostGemm] = None, logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One forward step of a flattened mixed prefill/decode batch; float logits [R, vocab].
+
+        logits_indices: the token rows to produce logits for (default: the last token of every
+        sequence, ``query_start_loc[1:] - 1``).  Raises ``IntegrityError`` if the host cheated; the
+        step is then refused as a whole and the cache left as it was.
+        """
+        if host_gemm is None and self.mode == "shielded":
+            raise ValueError("the shielded executor needs a host_gemm callback")
+        input_ids, positions, slot_mapping = input_ids.long(), positions.long(), slot_mapping.long()
+        query_start_loc, seq_lens, block_tables = query_start_loc.long(), seq_lens.long(), block_tables.long()
+        self._check_batch(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
+        if logits_indices is None:
+            logits_indices = query_start_loc[1:] - 1
+        logits_indices = logits_indices.long()
+        self.host_calls = []
+        saved = self.cache.save(slot_mapping)
+        try:
+            return self._forward(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
+                                 host_gemm, logits_indices)
+        except BaseException:
+            self.cache.restore(slot_mapping, saved)
+            raise
+
+    def _forward(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm,
+                 logits_indices) -> torch.Tensor:
+        n = int(input_ids.shape[0])
+        h = self.embed[input_ids]                                     # [N, d] float32
+        cos, sin = self.rotary(h, positions[None, :])
+        cos, sin = cos[0], sin[0]                                     # [N, D]
+        qd = self.num_heads * self.head_dim
+        kd = self.num_kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            # 1-2: qkv, q/k norms, RoPE, cache write
+            qkv = self._linear(f"layers.{i}.qkv", layer.input_norm(h), host_gemm)
+            q = qkv[:, :qd].reshape(n, self.num_heads, self.head_dim)
+            k = qkv[:, qd:qd + kd].reshape(n, self.num_kv_heads, self.head_dim)
+            v = qkv[:, qd + kd:].reshape(n, self.num_kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q = layer.q_norm(q)
+            if layer.k_norm is not None:
+                k = layer.k_norm(k)
+            q, k = self.apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
+            k_flat, v_flat = self.cache.flat(i)
+            k_flat[slot_mapping] = k
+            v_flat[slot_mapping] = v
+            # 3-4: attention, o, residual
+            attn = self._attention(i, q, query_start_loc, seq_lens, block_tables)
+            h = h + self._linear(f"layers.{i}.o", attn, host_gemm)
+            # 5-6: MLP
+            gu = self._linear(f"layers.{i}.gate_up", layer.post_norm(h), host_gemm)
+            inter = gu.shape[1] // 2
+            a = self.act(gu[:, :inter]) * gu[:, inter:]
+            h = h + self._linear(f"layers.{i}.down", a, host_gemm)
+        h = self.final_norm(h[logits_indices])
+        return self._linear("lm_head", h, host_gemm)
+
+    def close(self) -> None:
+        """Stop the mask provider's background thread (if any) and overwrite its pool."""
+        if self.masks is not None:
+            self.masks.close()
