@@ -5,6 +5,11 @@ Endpoints:
   GET  /v1/info          protocol, model, bundle hash (public facts only, never secrets)
   GET  /v1/stats         counters: calls, rows, bytes in/out, rejected requests
   POST /v1/split/apply   data plane of protocol ``split`` (binary frames, see slip_vllm.core.wire)
+  POST /v1/shielded/step, /v1/shielded/gemm
+                         data plane of protocol ``shielded`` (mounted only for shielded bundles; see
+                         secure_service.shielded_api)
+
+Runs on the TRUSTED side (the secure service); it never imports vLLM.
 
 Every malformed request answers 4xx and leaves the service healthy: body size is capped before it is
 read, frames are decoded strictly, ids/shapes/values are checked against the bundle, and each
@@ -24,8 +29,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from secure_service.bundle import Bundle
+from secure_service.shielded_api import StepRejected
 from secure_service.split_executor import RequestRejected, SplitExecutor
-from slip_vllm.core.wire import WireError, decode_request, encode_reply
+from slip_vllm.core.wire import (
+    MSG_ANSWER, WireError, decode_request, decode_shielded_message, decode_shielded_step, encode_reply,
+)
 
 log = logging.getLogger("slip.service")
 OCTET = "application/octet-stream"
@@ -73,12 +81,31 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
-def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 20) -> FastAPI:
+def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 20,
+               shielded_options: dict | None = None) -> FastAPI:
+    """shielded_options: keyword arguments of ``ShieldedService`` (num_blocks, block_size,
+    timeout_s, pool_rows); defaults from the settings."""
     app = FastAPI(title="SLIP secure service", docs_url=None, redoc_url=None, openapi_url=None)
     executor = SplitExecutor(bundle)
     sessions = SessionGuard()
     stats = Stats()
     info = bundle.info()
+    shielded = None
+    if bundle.protocol == "shielded":
+        from secure_service.shielded_api import ShieldedService
+        from slip_vllm.settings import settings
+
+        cfg = settings()
+        opts = {"num_blocks": cfg.shielded_kv_blocks, "block_size": cfg.shielded_block_size,
+                "timeout_s": cfg.shielded_step_timeout_s, **(shielded_options or {})}
+        try:
+            shielded = ShieldedService(bundle.path, **opts)
+        except (ValueError, KeyError) as exc:
+            from secure_service.bundle import BundleError
+
+            raise BundleError(f"the shielded bundle cannot be served: {exc}") from None
+        info = {**info, **shielded.info()}
+        app.state.shielded = shielded
 
     def reject(status: int, message: str) -> JSONResponse:
         with stats.lock:
@@ -95,7 +122,70 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
 
     @app.get("/v1/stats")
     def v1_stats() -> dict:
-        return stats.snapshot()
+        snap = stats.snapshot()
+        if shielded is not None:
+            snap["shielded"] = shielded.stats()
+        return snap
+
+    def check_token(request: Request) -> bool:
+        if not token:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > max_body_bytes:
+                    return reject(413, f"body of {declared} bytes exceeds the {max_body_bytes}-byte limit")
+            except ValueError:
+                return reject(400, "bad Content-Length")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                return reject(413, f"body exceeds the {max_body_bytes}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def shielded_call(request: Request, decode, handle) -> Response:
+        if not check_token(request):
+            return reject(401, "missing or wrong bearer token")
+        if shielded is None:
+            return reject(403, f"this bundle uses protocol {bundle.protocol!r}; the shielded data plane is closed")
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            frame = decode(body)
+        except WireError as exc:
+            return reject(400, f"bad frame: {exc}")
+        started = time.perf_counter()
+        try:
+            reply = await run_in_threadpool(handle, frame)
+        except StepRejected as exc:
+            return reject(exc.status, str(exc))
+        with stats.lock:
+            stats.calls += 1
+            stats.bytes_in += len(body)
+            stats.bytes_out += len(reply)
+            stats.compute_s += time.perf_counter() - started
+        return Response(content=reply, media_type=OCTET)
+
+    def start_step(frame) -> bytes:
+        if not sessions.admit(frame.session, frame.seq):
+            raise StepRejected(409, f"replayed or out-of-order step (session {frame.session:#x}, seq {frame.seq})")
+        return shielded.start_step(frame)
+
+    @app.post("/v1/shielded/step")
+    async def shielded_step(request: Request) -> Response:
+        return await shielded_call(request, decode_shielded_step, start_step)
+
+    @app.post("/v1/shielded/gemm")
+    async def shielded_gemm(request: Request) -> Response:
+        return await shielded_call(request, lambda b: decode_shielded_message(b, expect_kind=MSG_ANSWER),
+                                   lambda m: shielded.answer(m))
 
     @app.post("/v1/split/apply")
     async def split_apply(request: Request) -> Response:

@@ -33,7 +33,15 @@ projection W (q, k, v, o, gate, up, down, LM head; the LM head is the embedding 
 by ``decompose.split_matrix`` (with blinding and a ``RankPolicy``) into W_C (factors) + W_D; W_D is
 quantized per output channel to int8.  Fused layers concatenate the public rows ([W_q; W_k; W_v],
 [W_gate; W_up]), their low-rank factors as a block-diagonal left factor and stacked right factors,
-and their biases.  One prime p for the whole model from ``quantize.select_prime``.
+and their biases.  One prime p for the whole model from ``quantize.select_prime``.  The split itself
+is ``split_checkpoint`` (also used by ``slip protect --protocol shielded``).
+
+Build (``from_bundle``)
+-----------------------
+From the secret bundle written by ``slip protect --protocol shielded`` (``shielded_bundle``): the
+stored factors, W_q and scales, biases, norms, embedding, p and Freivalds vectors; bit-identical to
+``from_checkpoint`` with the same rank policy and seed (and the same torch thread count, which can
+change LAPACK's choice among equally exact singular bases).
 
 Data flow of one ``step`` (flattened mixed prefill/decode batch of N tokens, S sequences)
 -----------------------------------------------------------------------------------------
@@ -79,13 +87,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from secure_service.integrity import AlarmCounter
+from secure_service.integrity import AlarmCounter, FreivaldsKey
 from secure_service.masks import MaskProvider, PooledMaskProvider
 from secure_service.shielded_linear import ShieldedLinear
 from slip_vllm.core.decompose import RankPolicy, split_matrix
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
     PublicWeight,
+    QuantizedWeight,
+    check_prime,
     low_rank_term,
     quantize_weight,
     select_prime,
@@ -110,20 +120,25 @@ class FusedSplit:
     """W = left @ right + public (+ bias) for one fused public GEMM, in [out, in] orientation.
 
     left [m, K] (block diagonal over the fused parts), right [K, n], public float32 [m, n] (W_D
-    before quantization), bias float32 [m] or None, parts: the output sizes of the fused parts.
+    before quantization; None when built from a secret bundle, which holds only the quantized
+    W_D), bias float32 [m] or None, parts: the output sizes of the fused parts.
     """
 
     left: torch.Tensor
     right: torch.Tensor
-    public: torch.Tensor
+    public: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     parts: Tuple[int, ...]
 
 
-def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], policy: RankPolicy,
-                generator: torch.Generator, blind: bool = True) -> FusedSplit:
-    """Split each part with ``split_matrix`` and fuse: public rows stacked, factors block diagonal."""
-    splits = [split_matrix(w, policy, generator, blind=blind) for w in weights]
+def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                policy: Union[RankPolicy, Sequence[RankPolicy]], generator: torch.Generator,
+                blind: bool = True) -> FusedSplit:
+    """Split each part with ``split_matrix`` and fuse: public rows stacked, factors block diagonal.
+
+    policy: one ``RankPolicy`` for every part, or one per part."""
+    policies = [policy] * len(weights) if isinstance(policy, RankPolicy) else list(policy)
+    splits = [split_matrix(w, pol, generator, blind=blind) for w, pol in zip(weights, policies)]
     m = sum(int(s.public.shape[0]) for s in splits)
     k = sum(s.rank for s in splits)
     left = torch.zeros(m, k, dtype=torch.float32)
@@ -233,6 +248,66 @@ def _norm(cls, weight: torch.Tensor, eps: float) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
+def split_checkpoint(model_dir: Union[str, Path], policy, *, seed: int = 0, blind: bool = True):
+    """Split an original HF checkpoint of the Llama family into the executor's parts.
+
+    Returns (config, splits, embed, norms).  policy: a ``RankPolicy`` for every projection, or a
+    callable (checkpoint weight name -> ``RankPolicy``).  The matrices are split in a fixed order
+    (per layer: q, k, v, o, gate, up, down; then the LM head) from one generator seeded with
+    ``seed``, so the same seed gives the same split.
+    """
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    _family_module(config)  # refuse unsupported families before any work
+    state = _load_state(model_dir)
+    gen = torch.Generator().manual_seed(seed)
+    policy_of = (lambda name: policy) if isinstance(policy, RankPolicy) else policy
+
+    def get(name: str) -> Optional[torch.Tensor]:
+        t = state.get(name)
+        return None if t is None else t.detach().float()
+
+    def need(name: str) -> torch.Tensor:
+        t = get(name)
+        if t is None:
+            raise KeyError(f"checkpoint {model_dir} lacks {name}")
+        return t
+
+    splits: Dict[str, FusedSplit] = {}
+    norms: Dict[str, torch.Tensor] = {}
+    for i in range(int(config.num_hidden_layers)):
+        pre = f"model.layers.{i}."
+        att, mlp = pre + "self_attn.", pre + "mlp."
+        qkv = [att + f"{x}_proj" for x in "qkv"]
+        splits[f"layers.{i}.qkv"] = fuse_splits([need(n + ".weight") for n in qkv],
+                                                [get(n + ".bias") for n in qkv],
+                                                [policy_of(n + ".weight") for n in qkv], gen, blind)
+        splits[f"layers.{i}.o"] = fuse_splits([need(att + "o_proj.weight")], [get(att + "o_proj.bias")],
+                                              [policy_of(att + "o_proj.weight")], gen, blind)
+        gu = [mlp + "gate_proj", mlp + "up_proj"]
+        splits[f"layers.{i}.gate_up"] = fuse_splits([need(n + ".weight") for n in gu],
+                                                    [get(n + ".bias") for n in gu],
+                                                    [policy_of(n + ".weight") for n in gu], gen, blind)
+        splits[f"layers.{i}.down"] = fuse_splits([need(mlp + "down_proj.weight")], [get(mlp + "down_proj.bias")],
+                                                 [policy_of(mlp + "down_proj.weight")], gen, blind)
+        norms[f"layers.{i}.input_norm"] = need(pre + "input_layernorm.weight")
+        norms[f"layers.{i}.post_norm"] = need(pre + "post_attention_layernorm.weight")
+        for which in ("q_norm", "k_norm"):
+            t = get(att + which + ".weight")
+            if t is not None:
+                norms[f"layers.{i}.{which}"] = t
+    norms["norm"] = need("model.norm.weight")
+    embed = need("model.embed_tokens.weight")
+    head = get("lm_head.weight")
+    if bool(getattr(config, "tie_word_embeddings", False)) or head is None:
+        head = embed
+    head_name = "model.embed_tokens.weight" if head is embed else "lm_head.weight"
+    splits["lm_head"] = fuse_splits([head], [get("lm_head.bias")], [policy_of(head_name)], gen, blind)
+    return config, splits, embed, norms
+
+
 @dataclass
 class _Layer:
     input_norm: torch.nn.Module
@@ -253,7 +328,12 @@ class ShieldedExecutor:
     def __init__(self, config, splits: Dict[str, FusedSplit], embed: torch.Tensor, norms: Dict[str, torch.Tensor],
                  *, num_blocks: int, block_size: int, mode: str = "shielded", weight_bits: int = 8,
                  act_bits: int = DEFAULT_ACT_BITS, masks: Optional[MaskProvider] = None,
-                 pool_rows: Optional[int] = None, alarms: Optional[AlarmCounter] = None):
+                 pool_rows: Optional[int] = None, alarms: Optional[AlarmCounter] = None,
+                 quantized: Optional[Dict[str, QuantizedWeight]] = None, p: Optional[int] = None,
+                 freivalds: Optional[Dict[str, torch.Tensor]] = None):
+        """quantized / p / freivalds (a secret bundle's stored W_q and scales, prime, Freivalds
+        vectors u per layer key): use them instead of quantizing ``splits[key].public``, choosing
+        p and drawing fresh keys; p is checked against the bound of every layer."""
         module, prefix = _family_module(config)
         self.config = config
         self.model_type = config.model_type
@@ -306,9 +386,20 @@ class ShieldedExecutor:
         self.p: Optional[int] = None
         self.masks: Optional[MaskProvider] = None
         if mode == "float":
+            if any(s.public is None for s in splits.values()):
+                raise ValueError("the float mode needs the unquantized W_D (build from the checkpoint)")
             return
-        self._quantized = {key: quantize_weight(s.public, weight_bits) for key, s in splits.items()}
-        self.p = select_prime({key: q.w_q for key, q in self._quantized.items()}, act_bits=act_bits)
+        if quantized is not None:
+            if set(quantized) != set(splits):
+                raise ValueError("quantized weights and splits name different layers")
+            self._quantized = dict(quantized)
+        else:
+            self._quantized = {key: quantize_weight(s.public, weight_bits) for key, s in splits.items()}
+        if p is None:
+            self.p = select_prime({key: q.w_q for key, q in self._quantized.items()}, act_bits=act_bits)
+        else:
+            check_prime(int(p), {key: q.w_q for key, q in self._quantized.items()}, act_bits)
+            self.p = int(p)
         if mode == "fixed_point":
             return
         quantized = self._quantized
@@ -317,8 +408,11 @@ class ShieldedExecutor:
             masks = PooledMaskProvider(self._public, self.p, pool_rows=pool_rows)
         self.masks = masks
         for key, s in splits.items():
+            fkey = None
+            if freivalds is not None:
+                fkey = FreivaldsKey(self._public[key], u=freivalds[key], layer_id=key)
             self._shielded[key] = ShieldedLinear(key, self._public[key], quantized[key].scale, masks,
-                                                 alarms=self.alarms, low_rank=(s.left, s.right), bias=s.bias,
+                                                 key=fkey, alarms=self.alarms, low_rank=(s.left, s.right), bias=s.bias,
                                                  act_bits=act_bits, out_dtype=torch.float32)
 
     # -- construction -------------------------------------------------------------------------
@@ -331,54 +425,32 @@ class ShieldedExecutor:
         kwargs go to the constructor (num_blocks, block_size, mode, weight_bits, act_bits,
         masks, pool_rows, alarms).  ``seed`` seeds the blinding generator (same seed, same split).
         """
-        from transformers import AutoConfig
-
-        model_dir = Path(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-        _family_module(config)  # refuse unsupported families before any work
-        state = _load_state(model_dir)
-        gen = torch.Generator().manual_seed(seed)
-
-        def get(name: str) -> Optional[torch.Tensor]:
-            t = state.get(name)
-            return None if t is None else t.detach().float()
-
-        def need(name: str) -> torch.Tensor:
-            t = get(name)
-            if t is None:
-                raise KeyError(f"checkpoint {model_dir} lacks {name}")
-            return t
-
-        splits: Dict[str, FusedSplit] = {}
-        norms: Dict[str, torch.Tensor] = {}
-        for i in range(int(config.num_hidden_layers)):
-            pre = f"model.layers.{i}."
-            att, mlp = pre + "self_attn.", pre + "mlp."
-            qkv = [att + f"{x}_proj" for x in "qkv"]
-            splits[f"layers.{i}.qkv"] = fuse_splits([need(n + ".weight") for n in qkv],
-                                                    [get(n + ".bias") for n in qkv], policy, gen, blind)
-            splits[f"layers.{i}.o"] = fuse_splits([need(att + "o_proj.weight")], [get(att + "o_proj.bias")],
-                                                  policy, gen, blind)
-            gu = [mlp + "gate_proj", mlp + "up_proj"]
-            splits[f"layers.{i}.gate_up"] = fuse_splits([need(n + ".weight") for n in gu],
-                                                        [get(n + ".bias") for n in gu], policy, gen, blind)
-            splits[f"layers.{i}.down"] = fuse_splits([need(mlp + "down_proj.weight")], [get(mlp + "down_proj.bias")],
-                                                     policy, gen, blind)
-            norms[f"layers.{i}.input_norm"] = need(pre + "input_layernorm.weight")
-            norms[f"layers.{i}.post_norm"] = need(pre + "post_attention_layernorm.weight")
-            for which in ("q_norm", "k_norm"):
-                t = get(att + which + ".weight")
-                if t is not None:
-                    norms[f"layers.{i}.{which}"] = t
-        norms["norm"] = need("model.norm.weight")
-        embed = need("model.embed_tokens.weight")
-        head = get("lm_head.weight")
-        if bool(getattr(config, "tie_word_embeddings", False)) or head is None:
-            head = embed
-        splits["lm_head"] = fuse_splits([head], [get("lm_head.bias")], policy, gen, blind)
+        config, splits, embed, norms = split_checkpoint(model_dir, policy, seed=seed, blind=blind)
         return cls(config, splits, embed, norms, **kwargs)
 
+    @classmethod
+    def from_bundle(cls, secret_dir: Union[str, Path], **kwargs) -> "ShieldedExecutor":
+        """Build from a ``slip protect --protocol shielded`` secret bundle (OUT/secret): its factors,
+        scales, biases, norms, embedding, W_q, p and Freivalds keys.  The result is bit-identical
+        to ``from_checkpoint`` with the same rank policy and seed (see ``shielded_bundle``)."""
+        from secure_service.shielded_bundle import load_shielded_bundle
+
+        b = load_shielded_bundle(secret_dir)
+        return cls(b.config, b.splits, b.embed, b.norms, quantized=b.quantized, p=b.p, freivalds=b.freivalds,
+                   weight_bits=b.weight_bits, act_bits=b.act_bits, **kwargs)
+
     # -- what the host gets -------------------------------------------------------------------
+
+    def freivalds_vectors(self) -> Dict[str, torch.Tensor]:
+        """Layer key -> the secret Freivalds vectors u [t, m] (for the bundle writer; never sent)."""
+        return {key: lin.key.u for key, lin in self._shielded.items()}
+
+    def quantized_weights(self) -> Dict[str, QuantizedWeight]:
+        """Layer key -> W_q and its per-channel scales (the scales are secret)."""
+        if self.mode == "float":
+            raise RuntimeError("the float executor has no quantized weights")
+        return dict(self._quantized)
+
 
     def public_weights(self) -> Dict[str, torch.Tensor]:
         """Layer key -> public int8 W_q [m, n] (the host's weights; p is ``self.p``)."""

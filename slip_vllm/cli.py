@@ -29,7 +29,11 @@ def _protect(args: argparse.Namespace) -> int:
     total = sum(t.shape[0] * t.shape[1] for t in manifest.tensors)
     print(f"protected {len(manifest.tensors)} matrices ({manifest.architecture}, protocol {manifest.protocol}); "
           f"secret factors hold {secret:,} of {total:,} protected parameters ({100 * secret / total:.1f} %)")
-    print(f"  public artifact: {args.out}/public   (serve: vllm serve {args.out}/public --load-format slip)")
+    if manifest.protocol == "shielded":
+        print(f"  public artifact: {args.out}/public   (int8 W_q of the masked GEMMs; vLLM serving of protocol "
+              f"shielded is not available yet: slip_vllm.host.shielded_client drives steps)")
+    else:
+        print(f"  public artifact: {args.out}/public   (serve: vllm serve {args.out}/public --load-format slip)")
     print(f"  secret bundle:   {args.out}/secret   (serve: slip secure-service --bundle {args.out}/secret)")
     return 0
 

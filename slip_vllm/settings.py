@@ -71,6 +71,20 @@ class Settings:
         default=32,
         metadata={"env": "SLIP_MASK_PRECOMPUTE_CHUNK", "help": "shielded: mask rows the background thread makes per batch"},
     )
+    shielded_kv_blocks: int = field(
+        default=512,
+        metadata={"env": "SLIP_SHIELDED_KV_BLOCKS",
+                  "help": "shielded: KV-cache blocks the service allocates (must cover the host scheduler's blocks)"},
+    )
+    shielded_block_size: int = field(
+        default=16,
+        metadata={"env": "SLIP_SHIELDED_BLOCK_SIZE", "help": "shielded: tokens per KV-cache block (the host's block size)"},
+    )
+    shielded_step_timeout_s: float = field(
+        default=60.0,
+        metadata={"env": "SLIP_SHIELDED_STEP_TIMEOUT_S",
+                  "help": "shielded: a step whose host answer does not come within this time is aborted"},
+    )
     log_level: str = field(
         default="INFO",
         metadata={"env": "SLIP_LOG_LEVEL", "help": "log level of the plugin and the service"},

@@ -1,7 +1,9 @@
-"""Binary wire codec between the vLLM host and the secure service.
+"""Binary wire codec between the vLLM host and the secure service (both sides; pure code).
 
 Tensors travel as raw little-endian bytes behind a fixed header, never as JSON numbers. One request
-carries the whole batch of token rows of one protected layer for one engine step.
+carries the whole batch of token rows of one protected layer for one engine step. Protocol
+``split`` uses the request/reply frames below; protocol ``shielded`` the step and message frames
+defined at the end of this module.
 
 Request frame (all integers little-endian)::
 
@@ -177,3 +179,157 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
     if expect_cols is not None and cols != expect_cols:
         raise WireError(f"reply has {cols} columns, expected {expect_cols}")
     return _tensor_from(view[_REPLY_HEAD.size:], dtype, (rows, cols))
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol ``shielded``: step frames and message frames
+# ---------------------------------------------------------------------------------------------
+#
+# Step frame (host -> service, POST /v1/shielded/step), the batch metadata of one engine step::
+#
+#     magic    4s   b"SLS1"
+#     tokens   u32  N, the flattened tokens of the step (>= 1)
+#     seqs     u32  S, the sequences of the step (>= 1)
+#     blocks   u32  B, the width of the block table
+#     logits   u32  R, the token rows to produce logits for (0: the last token of every sequence)
+#     session  u64  random id of the calling process
+#     seq      u64  strictly increasing per session
+#     then int64 arrays: input_ids[N], positions[N], slot_mapping[N], query_start_loc[S+1],
+#                        seq_lens[S], block_tables[S*B] (row-major), logits_indices[R]
+#
+# Message frame (both directions, POST /v1/shielded/gemm and the replies)::
+#
+#     magic    4s   b"SLM1"
+#     kind     u8   MSG_ASK (service -> host: multiply x~ by W_q[key]) | MSG_ANSWER (host -> service:
+#                   y~ for the ask) | MSG_LOGITS (service -> host: the step's float logits)
+#     dtype    u8   DTYPE_INT64 for ASK/ANSWER (field elements in [0, p)), DTYPE_FLOAT32 for LOGITS
+#     key_len  u16  length of the layer key (ASCII, <= MAX_KEY_LEN; 0 for LOGITS)
+#     call     u32  index of the host call within the step (0, 1, ...)
+#     step     u64  the step id the service gave out
+#     rows     u32
+#     cols     u32
+#     key      key_len bytes
+#     payload  rows*cols*itemsize bytes
+
+STEP_MAGIC = b"SLS1"
+MSG_MAGIC = b"SLM1"
+MSG_ASK = 1
+MSG_ANSWER = 2
+MSG_LOGITS = 3
+DTYPE_INT64 = 4
+MAX_KEY_LEN = 64
+_STEP_HEAD = struct.Struct("<4sIIIIQQ")
+_MSG_HEAD = struct.Struct("<4sBBHIQII")
+_MSG_DTYPES = {DTYPE_INT64: torch.int64, DTYPE_FLOAT32: torch.float32}
+_MSG_KIND_DTYPE = {MSG_ASK: DTYPE_INT64, MSG_ANSWER: DTYPE_INT64, MSG_LOGITS: DTYPE_FLOAT32}
+_STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+                "logits_indices")
+
+
+@dataclass(frozen=True)
+class ShieldedStep:
+    session: int
+    seq: int
+    input_ids: torch.Tensor        # int64 [N]
+    positions: torch.Tensor        # int64 [N]
+    slot_mapping: torch.Tensor     # int64 [N]
+    query_start_loc: torch.Tensor  # int64 [S+1]
+    seq_lens: torch.Tensor         # int64 [S]
+    block_tables: torch.Tensor     # int64 [S, B]
+    logits_indices: torch.Tensor | None  # int64 [R], None: the last token of every sequence
+
+
+@dataclass(frozen=True)
+class ShieldedMessage:
+    kind: int
+    step: int
+    call: int
+    key: str
+    payload: torch.Tensor  # int64 [rows, cols] (ASK/ANSWER) or float32 [rows, cols] (LOGITS)
+
+
+def _i64(t) -> torch.Tensor:
+    return torch.as_tensor(t).to(torch.int64).reshape(-1)
+
+
+def encode_shielded_step(session: int, seq: int, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+                         block_tables, logits_indices=None) -> bytes:
+    bt = torch.as_tensor(block_tables).to(torch.int64)
+    if bt.dim() != 2:
+        raise WireError("block_tables must be [S, B]")
+    arrays = [_i64(input_ids), _i64(positions), _i64(slot_mapping), _i64(query_start_loc), _i64(seq_lens),
+              bt.reshape(-1), _i64(logits_indices) if logits_indices is not None else torch.empty(0, dtype=torch.int64)]
+    n, s, r = arrays[0].numel(), arrays[4].numel(), arrays[6].numel()
+    head = _STEP_HEAD.pack(STEP_MAGIC, n, s, int(bt.shape[1]), r, session & (2**64 - 1), seq & (2**64 - 1))
+    return head + b"".join(a.contiguous().numpy().astype("<i8").tobytes() for a in arrays)
+
+
+def decode_shielded_step(body: bytes | memoryview) -> ShieldedStep:
+    view = memoryview(body)
+    if len(view) < _STEP_HEAD.size:
+        raise WireError(f"step frame shorter than its {_STEP_HEAD.size}-byte header")
+    magic, n, s, b, r, session, seq = _STEP_HEAD.unpack_from(view, 0)
+    if magic != STEP_MAGIC:
+        raise WireError("bad magic: not a SLIP shielded step frame")
+    if n == 0 or s == 0 or b == 0:
+        raise WireError("a step needs at least one token, one sequence and one block-table column")
+    counts = (n, n, n, s + 1, s, s * b, r)
+    expected = _STEP_HEAD.size + 8 * sum(counts)  # Python ints: no overflow
+    if len(view) != expected:
+        raise WireError(f"step frame is {len(view)} bytes, its header describes {expected}")
+    out, offset = {}, _STEP_HEAD.size
+    for name, count in zip(_STEP_FIELDS, counts):
+        arr = np.frombuffer(view[offset:offset + 8 * count], dtype="<i8")
+        out[name] = torch.from_numpy(arr.astype(np.int64))
+        offset += 8 * count
+    out["block_tables"] = out["block_tables"].reshape(s, b)
+    if r == 0:
+        out["logits_indices"] = None
+    return ShieldedStep(session=session, seq=seq, **out)
+
+
+def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: torch.Tensor) -> bytes:
+    if kind not in _MSG_KIND_DTYPE:
+        raise WireError(f"unknown message kind {kind}")
+    dtype = _MSG_DTYPES[_MSG_KIND_DTYPE[kind]]
+    if payload.dim() != 2 or payload.dtype != dtype:
+        raise WireError(f"message payload must be {dtype} [rows, cols]")
+    raw_key = key.encode("ascii")
+    if len(raw_key) > MAX_KEY_LEN:
+        raise WireError("layer key too long")
+    rows, cols = payload.shape
+    head = _MSG_HEAD.pack(MSG_MAGIC, kind, _MSG_KIND_DTYPE[kind], len(raw_key), call, step & (2**64 - 1), rows, cols)
+    data = payload.detach().cpu().contiguous().numpy()
+    return head + raw_key + data.astype(data.dtype.newbyteorder("<")).tobytes()
+
+
+def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = None) -> ShieldedMessage:
+    view = memoryview(body)
+    if len(view) < _MSG_HEAD.size:
+        raise WireError(f"message shorter than its {_MSG_HEAD.size}-byte header")
+    magic, kind, code, key_len, call, step, rows, cols = _MSG_HEAD.unpack_from(view, 0)
+    if magic != MSG_MAGIC:
+        raise WireError("bad magic: not a SLIP shielded message")
+    if kind not in _MSG_KIND_DTYPE:
+        raise WireError(f"unknown message kind {kind}")
+    if expect_kind is not None and kind != expect_kind:
+        raise WireError(f"message kind {kind} where {expect_kind} was expected")
+    if code != _MSG_KIND_DTYPE[kind]:
+        raise WireError(f"dtype code {code} is not allowed for message kind {kind}")
+    if key_len > MAX_KEY_LEN:
+        raise WireError(f"layer key longer than {MAX_KEY_LEN} bytes")
+    if rows == 0 or cols == 0:
+        raise WireError("empty payload")
+    dtype = _MSG_DTYPES[code]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    expected = _MSG_HEAD.size + key_len + rows * cols * itemsize
+    if len(view) != expected:
+        raise WireError(f"message is {len(view)} bytes, its header describes {expected}")
+    try:
+        key = bytes(view[_MSG_HEAD.size:_MSG_HEAD.size + key_len]).decode("ascii")
+    except UnicodeDecodeError:
+        raise WireError("layer key is not ASCII") from None
+    np_dtype = "<i8" if dtype == torch.int64 else "<f4"
+    arr = np.frombuffer(view[_MSG_HEAD.size + key_len:], dtype=np_dtype)
+    payload = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(rows, cols)
+    return ShieldedMessage(kind=kind, step=step, call=call, key=key, payload=payload)

@@ -6,6 +6,7 @@ Steps (gpt-fast style offline transform; the runtime swap happens in the vLLM pl
      (nn.Linear, GPT-2's Conv1D) and which are the token embedding / LM head (tied or not);
   3. split each of them with ``core.decompose.split_matrix`` (SVD + blinding), chunk by chunk with a
      progress bar, checking exactness of every matrix;
+  (protocol ``shielded``, Llama family only: steps 2-4 are ``protect_shielded.write_shielded``)
   4. write OUT/public (normal HF directory: config with a ``slip`` quantization_config, tokenizer,
      public tensors, manifest) and OUT/secret (factors + bundle.json naming the manifest hash),
      into a staging directory first so an interrupted run leaves nothing half-written.
@@ -31,6 +32,8 @@ from slip_vllm.core.manifest import (
     KIND_EMBEDDING, KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_IN_OUT, ORIENT_OUT_IN, QUANT_METHOD,
     Manifest, TensorEntry, sha256_bytes,
 )
+
+from slip_vllm.vendor.protect_shielded import SHIELDED_MODEL_TYPES, write_shielded
 
 log = logging.getLogger("slip.protect")
 
@@ -179,9 +182,7 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
     config = config or ProtectConfig()
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
-    if config.protocol == "shielded":
-        raise ProtectError("protocol 'shielded' is not available in this build yet; use --protocol split")
-    if config.protocol != "split":
+    if config.protocol not in ("split", "shielded"):
         raise ProtectError(f"unknown protocol {config.protocol!r} (choose split or shielded)")
     if not (model_dir / "config.json").is_file():
         raise ProtectError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -191,14 +192,14 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
         raise ProtectError("the output directory must not be inside the input model directory")
 
     hf_config = AutoConfig.from_pretrained(model_dir)
+    if config.protocol == "shielded" and hf_config.model_type not in SHIELDED_MODEL_TYPES:
+        raise ProtectError(f"protocol 'shielded' supports the Llama family only ({', '.join(SHIELDED_MODEL_TYPES)}); "
+                           f"model type {hf_config.model_type!r} is not supported (use --protocol split)")
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ProtectError(f"model type {hf_config.model_type!r} is not supported; supported: "
                            + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
     if getattr(hf_config, "quantization_config", None):
         raise ProtectError("the input checkpoint is already quantized/protected; start from full weights")
-    targets, tied, arch = find_protected_tensors(hf_config)
-    state = _load_checkpoint(model_dir)
-
     seed = config.seed if config.seed is not None else secrets.randbits(63)
     if config.seed is not None:
         log.warning("fixed blinding seed given: fine for tests, never for a real artifact "
@@ -206,6 +207,12 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
     if not config.blinding:
         log.warning("blinding disabled: the public residual leaks the secret subspaces "
                     "(evaluation use only)")
+    if config.protocol == "shielded":
+        if not any(model_dir.glob("*.safetensors")):
+            raise ProtectError(f"{model_dir} holds no *.safetensors weights (protocol 'shielded' reads safetensors)")
+        return write_shielded(model_dir, out_dir, config, hf_config, seed, PUBLIC_COPY_FILES)
+    targets, tied, arch = find_protected_tensors(hf_config)
+    state = _load_checkpoint(model_dir)
 
     public_state = dict(state)
     if tied:

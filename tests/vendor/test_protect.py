@@ -54,8 +54,9 @@ def test_cli_errors_are_clear(tmp_path):
     bad_cfg.write_text("rank:\n  default: {fraction: 2.0}\n")
     r = run_slip("protect", "--model", str(model), "--out", str(tmp_path / "o3"), "--config", str(bad_cfg))
     assert r.returncode == 2 and "fraction" in r.stderr
+    # protocol shielded serves the Llama family only (llama, mistral, qwen2, qwen3): GPT-2 is refused
     r = run_slip("protect", "--model", str(model), "--out", str(tmp_path / "o4"), "--protocol", "shielded")
-    assert r.returncode == 2 and "shielded" in r.stderr
+    assert r.returncode == 2 and "shielded" in r.stderr and "Llama family" in r.stderr
     assert not (tmp_path / "o4").exists()
 
 

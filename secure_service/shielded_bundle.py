@@ -1,0 +1,134 @@
+"""TRUSTED side: reading the secret bundle of protocol ``shielded`` (OUT/secret).
+
+What this module owns
+---------------------
+``load_shielded_bundle``: everything the secure service needs to rebuild the ``ShieldedExecutor``
+that ``slip protect --protocol shielded`` split, validated before a single call is answered.  The
+bundle writer is ``slip_vllm.vendor.protect_shielded``; the file layout is defined there.
+
+Where it runs and what it holds
+-------------------------------
+Inside the secure service only (never imports vLLM).  It reads secrets: the factors of W_C, the
+per-channel weight scales, biases, norm gains, the embedding table and the Freivalds vectors u.
+It also reads a copy of the public int8 weights W_q (the service needs them for the mask images
+W_q r and the Freivalds images u^T W_q) and checks each against the public manifest's hash, so a
+bundle cannot be paired with another artifact's public half.
+
+Checks, in order: the generic bundle checks of ``bundle.load_bundle`` (bundle.json, the manifest
+hash it pairs with, the factor file's hash and shapes); protocol ``shielded``; the hash of
+``shielded.safetensors``; every layer key of the manifest present with W_q of the manifest's shape
+and hash, a finite positive scale per output channel, u in [0, p); p prime and above the exactness
+bound of every layer (``quantize.check_prime``, done by the executor).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from safetensors.torch import load_file
+
+from secure_service.bundle import Bundle, BundleError, load_bundle
+from slip_vllm.core.manifest import sha256_bytes, sha256_file
+from slip_vllm.core.quantize import QuantizedWeight
+
+__all__ = ["SHIELDED_FILE", "ShieldedBundle", "load_shielded_bundle"]
+
+SHIELDED_FILE = "shielded.safetensors"
+
+
+@dataclass
+class ShieldedBundle:
+    bundle: Bundle
+    config: object                      # the model's transformers config
+    splits: Dict[str, object]           # layer key -> FusedSplit (public=None)
+    quantized: Dict[str, QuantizedWeight]
+    embed: torch.Tensor
+    norms: Dict[str, torch.Tensor]
+    freivalds: Dict[str, torch.Tensor]  # layer key -> u int64 [t, m]
+    p: int
+    weight_bits: int
+    act_bits: int
+    layer_keys: List[str]
+
+
+def load_shielded_bundle(path: Union[str, Path]) -> ShieldedBundle:
+    from transformers import AutoConfig
+
+    from secure_service.shielded_executor import FusedSplit
+
+    path = Path(path)
+    bundle = load_bundle(path)
+    if bundle.protocol != "shielded":
+        raise BundleError(f"{path} is a {bundle.protocol!r} bundle, not a shielded one")
+    meta = json.loads((path / "bundle.json").read_text())
+    extra = bundle.manifest.extra
+    try:
+        p = int(extra["p"])
+        weight_bits, act_bits = int(extra["weight_bits"]), int(extra["act_bits"])
+        layer_keys = [str(k) for k in extra["layer_keys"]]
+        parts = {str(k): tuple(int(x) for x in v) for k, v in extra["parts"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"the shielded manifest lacks {exc}") from None
+    if weight_bits != 8:
+        raise BundleError(f"weight_bits {weight_bits}: this build serves int8 public weights only")
+    if int(meta.get("p", -1)) != p:
+        raise BundleError("bundle.json and the manifest disagree on p")
+    shielded_path = path / SHIELDED_FILE
+    if not shielded_path.is_file() or sha256_file(shielded_path) != meta.get("shielded_sha256"):
+        raise BundleError(f"{SHIELDED_FILE} is missing or does not match its recorded hash")
+    data = load_file(str(shielded_path))
+    entries = {e.name: e for e in bundle.manifest.tensors}
+    secret = {t.entry.name: t for t in bundle.tensors}
+    if sorted(entries) != sorted(layer_keys):
+        raise BundleError("the manifest's tensors are not its layer keys")
+
+    def take(name: str, optional: bool = False) -> Optional[torch.Tensor]:
+        t = data.pop(name, None)
+        if t is None and not optional:
+            raise BundleError(f"{SHIELDED_FILE} lacks {name}")
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BundleError(f"{name} holds NaN/Inf")
+        return t
+
+    splits, quantized, freivalds = {}, {}, {}
+    for key in layer_keys:
+        entry = entries[key]
+        m, n = entry.shape
+        w_q = take(f"{key}.w_q")
+        if w_q.dtype != torch.int8 or tuple(w_q.shape) != (m, n):
+            raise BundleError(f"{key}: W_q must be int8 {(m, n)}")
+        if sha256_bytes(w_q.contiguous().numpy().tobytes()) != entry.public_sha256:
+            raise BundleError(f"{key}: W_q does not match the public manifest's hash")
+        scale = take(f"{key}.scale")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (m,) or bool((scale <= 0).any()):
+            raise BundleError(f"{key}: scale must be positive float32 [{m}]")
+        bias = take(f"{key}.bias", optional=True)
+        if bias is not None and tuple(bias.shape) != (m,):
+            raise BundleError(f"{key}: bias must be [{m}]")
+        u = take(f"{key}.freivalds_u")
+        if u.dtype != torch.int64 or u.dim() != 2 or u.shape[1] != m or int(u.min()) < 0 or int(u.max()) >= p:
+            raise BundleError(f"{key}: Freivalds vectors must be int64 [t, {m}] in [0, p)")
+        if sum(parts.get(key, ())) != m:
+            raise BundleError(f"{key}: fused part sizes do not add up to {m}")
+        st = secret[key]
+        splits[key] = FusedSplit(left=st.left, right=st.right, public=None,
+                                 bias=None if bias is None else bias.float(), parts=parts[key])
+        quantized[key] = QuantizedWeight(w_q=w_q.contiguous(), scale=scale.contiguous(), bits=weight_bits)
+        freivalds[key] = u.contiguous()
+    embed = take("embed")
+    norms = {name[len("norm."):]: t.float() for name, t in list(data.items()) if name.startswith("norm.")}
+    for name in list(data):
+        if name.startswith("norm."):
+            data.pop(name)
+    if data:
+        raise BundleError(f"{SHIELDED_FILE} holds tensors the bundle does not define: {sorted(data)[:5]}")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != bundle.manifest.model_type:
+        raise BundleError("config.json and the manifest disagree on the model type")
+    return ShieldedBundle(bundle=bundle, config=config, splits=splits, quantized=quantized, embed=embed.float(),
+                          norms=norms, freivalds=freivalds, p=p, weight_bits=weight_bits, act_bits=act_bits,
+                          layer_keys=layer_keys)

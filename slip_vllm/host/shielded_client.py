@@ -1,0 +1,135 @@
+"""UNTRUSTED side: the host's driver of protocol ``shielded``, without vLLM.
+
+What this module owns
+---------------------
+``ShieldedHost``: everything the host does in protocol ``shielded`` for one engine step, over HTTP
+against the secure service (``secure_service.shielded_api``).  It holds only what the host is
+allowed to hold: the public int8 weights W_q of every masked GEMM, p and the layer keys, read from
+OUT/public (``slip protect --protocol shielded``).  Over the wire it sees only the masked
+activations x~ (uniform in Z_p), its own products y~ and the final float logits.  The vLLM model
+integration will drive the same exchange from inside vLLM's runner.
+
+Protocol of one step (``step``)
+-------------------------------
+1. send the batch metadata (token ids, positions, slot mapping, query start locations, sequence
+   lengths, block tables, logits rows) as a step frame to POST /v1/shielded/step;
+2. receive (layer key, x~); check the key is one of the artifact's and x~ has the right width with
+   values in [0, p);
+3. y~ = W_q[key] x~ mod p (``field.field_matmul``, exact); send (step, call, key, y~) to
+   POST /v1/shielded/gemm;
+4. repeat 2-3 until the reply carries the float logits [R, vocab] instead of a request.
+A refusal (4xx/5xx) raises ``ShieldedServiceError`` with the service's status and message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import httpx
+import torch
+from safetensors.torch import load_file
+
+from slip_vllm.core.field import FieldWeight, field_matmul
+from slip_vllm.core.manifest import ManifestError, read_public_manifest, sha256_bytes
+from slip_vllm.core.wire import (
+    MSG_ANSWER, MSG_ASK, MSG_LOGITS, decode_shielded_message, encode_shielded_message, encode_shielded_step,
+)
+
+__all__ = ["ShieldedServiceError", "ShieldedHost"]
+
+OCTET = "application/octet-stream"
+
+
+class ShieldedServiceError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"secure service answered {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class ShieldedHost:
+    """The host side of protocol ``shielded`` (see the module docstring).
+
+    public_dir: OUT/public; service_url: the secure service; token: its bearer token, if any.
+    record=True keeps every (layer key, x~) received in ``received`` (for audits and tests).
+    ``calls`` lists the layer keys of the last step's calls, in order.
+    """
+
+    def __init__(self, public_dir, service_url: str, *, token: str = "", timeout: float = 30.0,
+                 record: bool = False):
+        public_dir = Path(public_dir)
+        manifest, self.manifest_sha256 = read_public_manifest(public_dir)
+        if manifest.protocol != "shielded":
+            raise ManifestError(f"{public_dir} is a {manifest.protocol!r} artifact, not a shielded one")
+        self.p = int(manifest.extra["p"])
+        self.layer_keys: List[str] = list(manifest.extra["layer_keys"])
+        tensors = load_file(str(public_dir / manifest.extra.get("public_weights_file", "model.safetensors")))
+        self.weights: Dict[str, FieldWeight] = {}
+        for entry in manifest.tensors:
+            w = tensors[f"{entry.name}.w_q"]
+            if w.dtype != torch.int8 or tuple(w.shape) != tuple(entry.shape):
+                raise ManifestError(f"{entry.name}: public weight is not int8 {entry.shape}")
+            if sha256_bytes(w.contiguous().numpy().tobytes()) != entry.public_sha256:
+                raise ManifestError(f"{entry.name}: public weight does not match the manifest's hash")
+            self.weights[entry.name] = FieldWeight(w.contiguous(), self.p)
+        self.url = service_url.rstrip("/")
+        headers = {"content-type": OCTET}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(timeout=timeout, headers=headers)
+        self.session = int.from_bytes(os.urandom(8), "little")
+        self.seq = 0
+        self.record = record
+        self.received: List[Tuple[str, torch.Tensor]] = []
+        self.calls: List[str] = []
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "ShieldedHost":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _post(self, path: str, body: bytes) -> bytes:
+        r = self.client.post(self.url + path, content=body)
+        if r.status_code != 200:
+            try:
+                message = r.json().get("error", r.text)
+            except ValueError:
+                message = r.text
+            raise ShieldedServiceError(r.status_code, message)
+        return r.content
+
+    def compute(self, key: str, x_masked: torch.Tensor) -> torch.Tensor:
+        """Step 3: y~ = W_q[key] x~ mod p."""
+        return field_matmul(x_masked, self.weights[key], self.p)
+
+    def step(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
+             logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run one step against the service (steps 1-4); float32 logits [R, vocab]."""
+        self.seq += 1
+        self.calls = []
+        body = encode_shielded_step(self.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
+                                    seq_lens, block_tables, logits_indices)
+        reply = self._post("/v1/shielded/step", body)
+        while True:
+            msg = decode_shielded_message(reply)
+            if msg.kind == MSG_LOGITS:
+                return msg.payload
+            if msg.kind != MSG_ASK:
+                raise ShieldedServiceError(502, f"unexpected message kind {msg.kind}")
+            x = msg.payload
+            w = self.weights.get(msg.key)
+            if w is None or x.shape[1] != w.n:
+                raise ShieldedServiceError(502, f"service asked for unknown layer {msg.key!r} or wrong width")
+            if int(x.min()) < 0 or int(x.max()) >= self.p:
+                raise ShieldedServiceError(502, "service sent values outside [0, p)")
+            if self.record:
+                self.received.append((msg.key, x.clone()))
+            self.calls.append(msg.key)
+            y = self.compute(msg.key, x)
+            reply = self._post("/v1/shielded/gemm", encode_shielded_message(MSG_ANSWER, msg.step, msg.call, msg.key, y))

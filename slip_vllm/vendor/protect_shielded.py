@@ -1,0 +1,151 @@
+"""``slip protect --protocol shielded``: the offline transform of protocol ``shielded`` (vendor side).
+
+What this module owns
+---------------------
+The artifact layout of protocol ``shielded`` for the Llama family (llama, mistral, qwen2, qwen3),
+written by ``write_shielded``:
+
+OUT/public (the untrusted host gets ONLY what it needs to run the masked GEMMs and the scheduler):
+  * ``model.safetensors``: one int8 tensor ``<layer key>.w_q`` [m, n] per fused masked GEMM:
+    ``layers.<i>.qkv``, ``layers.<i>.o``, ``layers.<i>.gate_up``, ``layers.<i>.down``, ``lm_head``;
+  * ``slip_manifest.json`` (protocol ``shielded``): per layer key its shape, total secret rank and
+    the SHA-256 of its W_q; in ``extra``: p, weight/activation bits, the ordered layer keys and the
+    output sizes of the fused parts;
+  * ``config.json`` (with the ``slip`` quantization_config naming the manifest hash) and the
+    tokenizer files.
+  No scales, norms, biases, embeddings or factors.
+OUT/secret (mode 0700, the secure service's bundle):
+  * ``factors.safetensors``: ``t<id>.left`` [m, K], ``t<id>.right`` [K, n] with W_C = left @ right
+    per manifest entry (block diagonal over fused parts);
+  * ``shielded.safetensors``: per layer key ``.w_q`` (a copy of the public weight), ``.scale``
+    (per output channel), ``.bias`` (where the model has one), ``.freivalds_u`` (the secret
+    Freivalds vectors, fixed at protect time so restarts keep them); ``norm.<name>`` gains and
+    ``embed`` (token ids are looked up in the service);
+  * ``bundle.json`` (hashes of both files, the public manifest hash it pairs with, p),
+    ``slip_manifest.json``, ``config.json``.
+
+Steps
+-----
+1. split every projection with ``shielded_executor.split_checkpoint`` (SVD + blinding, exactness
+   <= 1e-6 checked per matrix by ``decompose.split_matrix`` before any quantization), fused per
+   masked GEMM, rank from the protect config (per checkpoint name);
+2. build the ``ShieldedExecutor`` from the split: it quantizes W_D per output channel to int8,
+   chooses p above the exactness bound of every layer, and draws the Freivalds vectors from the
+   OS CSPRNG;
+3. write both halves into a staging directory, then move them into place.
+``ShieldedExecutor.from_bundle(OUT/secret)`` rebuilds the same executor: its results are
+bit-identical to ``ShieldedExecutor.from_checkpoint`` with the same rank policy and seed.
+
+Runs on the vendor's machine (trusted, offline); it holds the original weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from slip_vllm.core.manifest import (
+    KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_OUT_IN, QUANT_METHOD, Manifest, TensorEntry, sha256_bytes,
+    sha256_file,
+)
+
+log = logging.getLogger("slip.protect")
+
+SHIELDED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PUBLIC_WEIGHTS_FILE = "model.safetensors"
+SHIELDED_FILE = "shielded.safetensors"
+FACTORS_FILE = "factors.safetensors"
+
+
+def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int, copy_files) -> Manifest:
+    """Steps 1-3 of the module docstring; ``config`` is the ``ProtectConfig``."""
+    from secure_service.shielded_executor import ShieldedExecutor, split_checkpoint
+
+    model_cfg, splits, embed, norms = split_checkpoint(model_dir, config.policy_for, seed=seed,
+                                                       blind=config.blinding)
+    ex = ShieldedExecutor(model_cfg, splits, embed, norms, num_blocks=1, block_size=1, mode="shielded",
+                          pool_rows=0)
+    try:
+        quantized, p, vectors = ex.quantized_weights(), int(ex.p), ex.freivalds_vectors()
+        keys = ex.layer_keys()
+        act_bits = ex.act_bits
+    finally:
+        ex.close()
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    entries, public, factors, secret = [], {}, {}, {}
+    for i, key in enumerate(keys):
+        s, q = splits[key], quantized[key]
+        w_q = q.w_q.contiguous()
+        m, n = w_q.shape
+        entries.append(TensorEntry(id=i, name=key, kind=KIND_LM_HEAD if key == "lm_head" else KIND_LINEAR,
+                                   shape=(int(m), int(n)), orientation=ORIENT_OUT_IN, rank=int(s.left.shape[1]),
+                                   public_sha256=sha256_bytes(w_q.numpy().tobytes())))
+        public[f"{key}.w_q"] = w_q
+        factors[f"t{i}.left"] = s.left.contiguous()
+        factors[f"t{i}.right"] = s.right.contiguous()
+        secret[f"{key}.w_q"] = w_q.clone()
+        secret[f"{key}.scale"] = q.scale.to(torch.float32).contiguous()
+        if s.bias is not None:
+            secret[f"{key}.bias"] = s.bias.to(torch.float32).contiguous()
+        secret[f"{key}.freivalds_u"] = vectors[key].contiguous()
+    for name, t in norms.items():
+        secret[f"norm.{name}"] = t.to(torch.float32).contiguous()
+    secret["embed"] = embed.to(torch.float32).contiguous()
+
+    arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+    manifest = Manifest(protocol="shielded", architecture=arch, model_type=hf_config.model_type,
+                        tied_embeddings=tied, tensors=entries,
+                        extra={"rank_policy": config.default_rank.describe(), "blinding": config.blinding,
+                               "p": p, "weight_bits": 8, "act_bits": act_bits, "layer_keys": keys,
+                               "parts": {k: list(splits[k].parts) for k in keys},
+                               "public_weights_file": PUBLIC_WEIGHTS_FILE})
+    manifest_text = manifest.to_json()
+    manifest_sha = sha256_bytes(manifest_text.encode())
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".slip-protect-", dir=out_dir.parent))
+    try:
+        public_dir, secret_dir = staging / "public", staging / "secret"
+        public_dir.mkdir()
+        secret_dir.mkdir(mode=0o700)
+        save_file(public, str(public_dir / PUBLIC_WEIGHTS_FILE), metadata={"format": "pt"})
+        raw_config = json.loads((model_dir / "config.json").read_text())
+        raw_config["quantization_config"] = {"quant_method": QUANT_METHOD, "protocol": "shielded",
+                                             "manifest": MANIFEST_FILE, "manifest_sha256": manifest_sha}
+        (public_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+        (public_dir / MANIFEST_FILE).write_text(manifest_text)
+        for name in copy_files:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, public_dir / name)
+
+        save_file(factors, str(secret_dir / FACTORS_FILE))
+        save_file(secret, str(secret_dir / SHIELDED_FILE))
+        bundle = {
+            "format": "slip-bundle", "format_version": 1, "protocol": "shielded",
+            "public_manifest_sha256": manifest_sha, "factors_file": FACTORS_FILE,
+            "factors_sha256": sha256_file(secret_dir / FACTORS_FILE),
+            "shielded_file": SHIELDED_FILE, "shielded_sha256": sha256_file(secret_dir / SHIELDED_FILE),
+            "architecture": arch, "model_type": hf_config.model_type, "p": p,
+        }
+        (secret_dir / "bundle.json").write_text(json.dumps(bundle, indent=1) + "\n")
+        (secret_dir / MANIFEST_FILE).write_text(manifest_text)
+        (secret_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+        for f in secret_dir.iterdir():
+            os.chmod(f, 0o600)
+        if out_dir.exists():
+            for sub in ("public", "secret"):
+                shutil.rmtree(out_dir / sub, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        public_dir.rename(out_dir / "public")
+        secret_dir.rename(out_dir / "secret")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("protected %d masked GEMMs of %s (protocol shielded, p=%d) into %s", len(entries), arch, p, out_dir)
+    return manifest
