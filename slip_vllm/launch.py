@@ -84,7 +84,15 @@ class Server:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            # The leader is gone, but children it spawned (vLLM's engine and workers) may linger
+            # in its process group after a failed start.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             return
         try:
             os.killpg(self.proc.pid, signal.SIGINT)
