@@ -189,26 +189,13 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
 
     @app.post("/v1/split/apply")
     async def split_apply(request: Request) -> Response:
-        if token:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return reject(401, "missing or wrong bearer token")
+        if not check_token(request):
+            return reject(401, "missing or wrong bearer token")
         if bundle.protocol != "split":
             return reject(403, f"this bundle uses protocol {bundle.protocol!r}; the split data plane is closed")
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                if int(declared) > max_body_bytes:
-                    return reject(413, f"body of {declared} bytes exceeds the {max_body_bytes}-byte limit")
-            except ValueError:
-                return reject(400, "bad Content-Length")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                return reject(413, f"body exceeds the {max_body_bytes}-byte limit")
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
         try:
             frame = decode_request(body)
         except WireError as exc:
