@@ -149,11 +149,14 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def shielded_call(request: Request, decode, handle) -> Response:
+    async def data_plane_call(request: Request, plane: str, decode, handle) -> Response:
+        """Shared prologue and epilogue of every binary data-plane endpoint: token, protocol gate,
+        bounded body, strict decoding, handler in the thread pool, counters."""
         if not check_token(request):
             return reject(401, "missing or wrong bearer token")
-        if shielded is None:
-            return reject(403, f"this bundle uses protocol {bundle.protocol!r}; the shielded data plane is closed")
+        closed = shielded is None if plane == "shielded" else bundle.protocol != "split"
+        if closed:
+            return reject(403, f"this bundle uses protocol {bundle.protocol!r}; the {plane} data plane is closed")
         body = await read_body(request)
         if isinstance(body, Response):
             return body
@@ -163,58 +166,40 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
             return reject(400, f"bad frame: {exc}")
         started = time.perf_counter()
         try:
-            reply = await run_in_threadpool(handle, frame)
-        except StepRejected as exc:
+            reply, rows = await run_in_threadpool(handle, frame)
+        except (StepRejected, RequestRejected) as exc:
             return reject(exc.status, str(exc))
         with stats.lock:
             stats.calls += 1
+            stats.rows += rows
             stats.bytes_in += len(body)
             stats.bytes_out += len(reply)
             stats.compute_s += time.perf_counter() - started
         return Response(content=reply, media_type=OCTET)
 
-    def start_step(frame) -> bytes:
+    def start_step(frame) -> tuple[bytes, int]:
         if not sessions.admit(frame.session, frame.seq):
             raise StepRejected(409, f"replayed or out-of-order step (session {frame.session:#x}, seq {frame.seq})")
-        return shielded.start_step(frame)
+        return shielded.start_step(frame), 0
+
+    def split_step(frame) -> tuple[bytes, int]:
+        if not sessions.admit(frame.session, frame.seq):
+            raise RequestRejected(409, f"replayed or out-of-order frame (session {frame.session:#x}, seq {frame.seq})")
+        return encode_reply(executor.run(frame)), int(frame.payload.shape[0])
 
     @app.post("/v1/shielded/step")
     async def shielded_step(request: Request) -> Response:
-        return await shielded_call(request, decode_shielded_step, start_step)
+        return await data_plane_call(request, "shielded", decode_shielded_step, start_step)
 
     @app.post("/v1/shielded/gemm")
     async def shielded_gemm(request: Request) -> Response:
-        return await shielded_call(request, lambda b: decode_shielded_message(b, expect_kind=MSG_ANSWER),
-                                   lambda m: shielded.answer(m))
+        return await data_plane_call(request, "shielded",
+                                     lambda b: decode_shielded_message(b, expect_kind=MSG_ANSWER),
+                                     lambda m: (shielded.answer(m), 0))
 
     @app.post("/v1/split/apply")
     async def split_apply(request: Request) -> Response:
-        if not check_token(request):
-            return reject(401, "missing or wrong bearer token")
-        if bundle.protocol != "split":
-            return reject(403, f"this bundle uses protocol {bundle.protocol!r}; the split data plane is closed")
-        body = await read_body(request)
-        if isinstance(body, Response):
-            return body
-        try:
-            frame = decode_request(body)
-        except WireError as exc:
-            return reject(400, f"bad frame: {exc}")
-        if not sessions.admit(frame.session, frame.seq):
-            return reject(409, f"replayed or out-of-order frame (session {frame.session:#x}, seq {frame.seq})")
-        started = time.perf_counter()
-        try:
-            result = await run_in_threadpool(executor.run, frame)
-        except RequestRejected as exc:
-            return reject(exc.status, str(exc))
-        reply = encode_reply(result)
-        with stats.lock:
-            stats.calls += 1
-            stats.rows += int(frame.payload.shape[0])
-            stats.bytes_in += len(body)
-            stats.bytes_out += len(reply)
-            stats.compute_s += time.perf_counter() - started
-        return Response(content=reply, media_type=OCTET)
+        return await data_plane_call(request, "split", decode_request, split_step)
 
     return app
 
