@@ -5,7 +5,7 @@ Endpoints:
   GET  /v1/info          protocol, model, bundle hash (public facts only, never secrets)
   GET  /v1/stats         counters: calls, rows, bytes in/out, rejected requests
   POST /v1/split/apply   data plane of protocol ``split`` (binary frames, see slip_vllm.core.wire)
-  POST /v1/shielded/step, /v1/shielded/gemm
+  POST /v1/shielded/step, /v1/shielded/gemm, /v1/shielded/logits
                          data plane of protocol ``shielded`` (mounted only for shielded bundles; see
                          secure_service.shielded_api)
 
@@ -32,7 +32,7 @@ from secure_service.bundle import Bundle
 from secure_service.shielded_api import StepRejected
 from secure_service.split_executor import RequestRejected, SplitExecutor
 from slip_vllm.core.wire import (
-    MSG_ANSWER, WireError, decode_request, decode_shielded_message, decode_shielded_step, encode_reply,
+    MSG_ANSWER, MSG_ROWS, WireError, decode_request, decode_shielded_message, decode_shielded_step, encode_reply,
 )
 
 log = logging.getLogger("slip.service")
@@ -196,6 +196,12 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
         return await data_plane_call(request, "shielded",
                                      lambda b: decode_shielded_message(b, expect_kind=MSG_ANSWER),
                                      lambda m: (shielded.answer(m), 0))
+
+    @app.post("/v1/shielded/logits")
+    async def shielded_logits(request: Request) -> Response:
+        return await data_plane_call(request, "shielded",
+                                     lambda b: decode_shielded_message(b, expect_kind=MSG_ROWS),
+                                     lambda m: (shielded.logits(m), 0))
 
     @app.post("/v1/split/apply")
     async def split_apply(request: Request) -> Response:

@@ -11,7 +11,13 @@ endpoints that expose it (mounted by ``app.create_app`` when the bundle's protoc
                            x~ int64 [T, n]).
   POST /v1/shielded/gemm   body: a MSG_ANSWER message (step id, call index, layer key, y~ int64
                            [T, m] = W_q[key] x~ mod p).  Answer: the next MSG_ASK, or MSG_LOGITS
-                           (float32 [R, vocab]) when the step is complete.
+                           (float32 [R, vocab]) when the step is complete, or MSG_READY for a
+                           deferred step whose layers are done.
+  POST /v1/shielded/logits body: a MSG_ROWS message (the ready step's id, the next call index, rows
+                           int64 [1, R]).  Answer: MSG_ASK for the LM head, then (after its
+                           answer) MSG_LOGITS [R, vocab].  Allowed any number of times until the
+                           next step starts: vLLM's runner asks for the sampling rows first and
+                           then, per request that wants them, for prompt-logprob rows.
 
 Protocol of one step (the host sees only x~, which is uniform in Z_p, and the final logits):
   1. host -> service: the step frame; the session's sequence number must increase (409 otherwise).
@@ -26,6 +32,10 @@ Protocol of one step (the host sees only x~, which is uniform in Z_p, and the fi
      the alarm counter rises (``/v1/stats``) and the host gets 422 "integrity: ...".
   4. repeat 2-3 (4 calls per decoder layer + the LM head) until the executor returns the logits;
      they go to the host in plaintext for its sampler (black-box output).
+     Deferred step (the vLLM integration): the frame asks for no logits; after the last layer the
+     service keeps the final-normed hidden rows of the step (secret, never sent) and answers
+     MSG_READY; each later MSG_ROWS runs the masked LM head on the chosen rows (steps 2-3 once)
+     and returns their logits.  The next step frame discards the kept rows.
 
 Concurrency: the executor owns one KV cache, so ONE step is in flight per service at a time; the
 handlers are serialized by a lock.  A step whose host stops answering is aborted after
@@ -48,7 +58,7 @@ import torch
 from secure_service.integrity import IntegrityError
 from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core.wire import (
-    MSG_ASK, MSG_LOGITS, ShieldedMessage, ShieldedStep, encode_shielded_message,
+    MSG_ASK, MSG_LOGITS, MSG_READY, ShieldedMessage, ShieldedStep, encode_shielded_message,
 )
 
 log = logging.getLogger("slip.service")
@@ -70,9 +80,19 @@ class _Aborted(Exception):
     pass
 
 
+class _Ready:
+    """A deferred step whose layers are done: its final-normed hidden rows (secret) await MSG_ROWS."""
+
+    def __init__(self, step_id: int, hidden: torch.Tensor, next_call: int):
+        self.id = step_id
+        self.hidden = hidden
+        self.next_call = next_call
+
+
 class _Run:
-    def __init__(self) -> None:
-        self.id = secrets.randbits(63) | 1
+    def __init__(self, step_id: Optional[int] = None, ready: Optional[_Ready] = None) -> None:
+        self.id = secrets.randbits(63) | 1 if step_id is None else step_id
+        self.ready = ready  # set for an LM-head run of a ready step
         self.asks: queue.Queue = queue.Queue()
         self.answers: queue.Queue = queue.Queue()
         self.call = -1
@@ -92,8 +112,9 @@ class ShieldedService:
         self.shapes = {k: tuple(w.shape) for k, w in self.executor.public_weights().items()}
         self._lock = threading.Lock()
         self._run: Optional[_Run] = None
+        self._ready: Optional[_Ready] = None
         self._counts = {"steps_started": 0, "steps_completed": 0, "steps_aborted": 0, "steps_refused": 0,
-                        "host_calls": 0, "masked_rows": 0}
+                        "host_calls": 0, "masked_rows": 0, "logits_requests": 0}
 
     # -- public facts --------------------------------------------------------------------------
 
@@ -112,7 +133,10 @@ class ShieldedService:
 
     # -- the worker ------------------------------------------------------------------------------
 
-    def _work(self, run: _Run, frame: ShieldedStep) -> None:
+    def _work(self, run: _Run, task) -> None:
+        """Run ``task(host_gemm) -> (event kind, tensor)`` in the worker thread, reporting its
+        asks and its end through ``run.asks``."""
+
         def host(key: str, x_masked: torch.Tensor) -> torch.Tensor:
             run.asks.put(("ask", key, x_masked))
             try:
@@ -124,10 +148,7 @@ class ShieldedService:
             return y
 
         try:
-            logits = self.executor.step(frame.input_ids, frame.positions, frame.slot_mapping, frame.query_start_loc,
-                                        frame.seq_lens, frame.block_tables, host_gemm=host,
-                                        logits_indices=frame.logits_indices)
-            run.asks.put(("logits", logits))
+            run.asks.put(task(host))
         except IntegrityError as exc:
             run.asks.put(("integrity", exc))
         except _Aborted as exc:
@@ -165,10 +186,21 @@ class ShieldedService:
         self._run = None
         if run.thread is not None:
             run.thread.join(timeout=self.timeout_s)
-        if kind == "logits":
+        if kind == "ready":
             self._counts["steps_completed"] += 1
+            hidden = event[1]
+            self._ready = _Ready(run.id, hidden, run.call + 1)
+            rows = torch.tensor([[int(hidden.shape[0])]], dtype=torch.int64)
+            return encode_shielded_message(MSG_READY, run.id, run.call + 1, "", rows)
+        if kind == "logits":
+            if run.ready is None:
+                self._counts["steps_completed"] += 1
+            else:
+                run.ready.next_call = run.call + 1
             logits = event[1].to(torch.float32)
             return encode_shielded_message(MSG_LOGITS, run.id, run.call + 1, "", logits)
+        if run.ready is not None:
+            self._ready = None  # a refused LM head leaves nothing to ask again: fail closed
         if kind == "integrity":
             self._counts["steps_aborted"] += 1
             raise StepRejected(422, f"integrity: {event[1]}; the step was aborted and its KV writes rolled back")
@@ -190,13 +222,52 @@ class ShieldedService:
         li = frame.logits_indices
         if li is not None and (int(li.min()) < 0 or int(li.max()) >= n):
             raise StepRejected(422, f"logits_indices must lie in [0, {n})")
+        ex = self.executor
+        if frame.defer_logits:
+            def task(host):
+                return ("ready", ex.forward_layers(frame.input_ids, frame.positions, frame.slot_mapping,
+                                                   frame.query_start_loc, frame.seq_lens, frame.block_tables,
+                                                   host_gemm=host))
+        else:
+            def task(host):
+                return ("logits", ex.step(frame.input_ids, frame.positions, frame.slot_mapping,
+                                          frame.query_start_loc, frame.seq_lens, frame.block_tables,
+                                          host_gemm=host, logits_indices=frame.logits_indices))
         with self._lock:
             self._abort_locked()
+            self._ready = None
             run = _Run()
-            run.thread = threading.Thread(target=self._work, args=(run, frame), name="slip-shielded-step",
+            run.thread = threading.Thread(target=self._work, args=(run, task), name="slip-shielded-step",
                                           daemon=True)
             self._run = run
             self._counts["steps_started"] += 1
+            run.thread.start()
+            return self._next_locked(run)
+
+    def logits(self, msg: ShieldedMessage) -> bytes:
+        """MSG_ROWS for the ready step: run the masked LM head on those rows (see the docstring)."""
+        with self._lock:
+            ready = self._ready
+            if ready is None or msg.step != ready.id:
+                raise StepRejected(409, f"no ready step {msg.step:#x} (unknown, superseded, or its layers "
+                                        f"are still running)")
+            if self._run is not None:
+                raise StepRejected(409, "a logits request of this step is still in flight")
+            if msg.call != ready.next_call:
+                raise StepRejected(409, f"replayed or out-of-order request: call {msg.call}, "
+                                        f"expected {ready.next_call}")
+            rows = msg.payload.reshape(-1)
+            n = int(ready.hidden.shape[0])
+            if msg.payload.shape[0] != 1 or int(rows.min()) < 0 or int(rows.max()) >= n:
+                raise StepRejected(422, f"rows must be one row of token indices in [0, {n})")
+            hidden_rows = ready.hidden[rows]
+            ex = self.executor
+            run = _Run(step_id=ready.id, ready=ready)
+            run.call = ready.next_call - 1
+            run.thread = threading.Thread(target=self._work, args=(run, lambda host: ("logits", ex.head(hidden_rows, host))),
+                                          name="slip-shielded-head", daemon=True)
+            self._run = run
+            self._counts["logits_requests"] += 1
             run.thread.start()
             return self._next_locked(run)
 

@@ -60,8 +60,10 @@ For every decoder layer l:
 5. service: x = post_attention_norm(h); masked GEMM "layers.l.gate_up" -> [gate; up];
    a = act(gate) * up.
 6. service -> host -> service: masked GEMM "layers.l.down"; h = h + down.
-Then: h = norm(h[logits_indices]); masked GEMM "lm_head" -> float logits for the host's sampler.
-So each step makes exactly 4 host calls per layer + 1, whatever the batch holds.
+Then h = norm(h) (``forward_layers`` ends here; the normed rows stay in the service) and, for the
+rows the host's runner asks for (``head``; vLLM knows them only after the forward: the sampling
+rows, then any prompt-logprob rows), masked GEMM "lm_head" -> float logits for the host's sampler.
+So each step makes exactly 4 host calls per layer + 1 per logits request, whatever the batch holds.
 
 Failure: if any host answer fails its check (``IntegrityError``, alarm raised by ``ShieldedLinear``)
 or anything else raises, the step is refused as a whole: the KV-cache slots the step wrote are
@@ -552,25 +554,49 @@ class ShieldedExecutor:
         sequence, ``query_start_loc[1:] - 1``).  Raises ``IntegrityError`` if the host cheated; the
         step is then refused as a whole and the cache left as it was.
         """
+        self._check_batch(input_ids.long(), positions.long(), slot_mapping.long(), query_start_loc.long(),
+                          seq_lens.long(), block_tables.long())
+        if logits_indices is None:
+            logits_indices = query_start_loc.long()[1:] - 1
+        logits_indices = logits_indices.long()
+        saved = self.cache.save(slot_mapping.long())  # a refused LM head refuses the whole step too
+        hidden = self.forward_layers(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
+                                     host_gemm=host_gemm)
+        try:
+            return self.head(hidden[logits_indices], host_gemm)
+        except BaseException:
+            self.cache.restore(slot_mapping.long(), saved)
+            raise
+
+    def forward_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                       host_gemm: Optional[HostGemm] = None) -> torch.Tensor:
+        """Steps 0-6 of the module docstring for every token row: the final-normed hidden states
+        [N, d] (secret; they stay in the service).  ``head`` turns chosen rows into logits; vLLM
+        asks for its rows only after the forward (sampling rows, prompt-logprob rows), which is
+        why the two are separate calls.  On any failure the KV writes are rolled back."""
         if host_gemm is None and self.mode == "shielded":
             raise ValueError("the shielded executor needs a host_gemm callback")
         input_ids, positions, slot_mapping = input_ids.long(), positions.long(), slot_mapping.long()
         query_start_loc, seq_lens, block_tables = query_start_loc.long(), seq_lens.long(), block_tables.long()
         self._check_batch(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
-        if logits_indices is None:
-            logits_indices = query_start_loc[1:] - 1
-        logits_indices = logits_indices.long()
         self.host_calls = []
         saved = self.cache.save(slot_mapping)
         try:
-            return self._forward(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
-                                 host_gemm, logits_indices)
+            h = self._layers(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm)
         except BaseException:
             self.cache.restore(slot_mapping, saved)
             raise
+        return self.final_norm(h)
 
-    def _forward(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm,
-                 logits_indices) -> torch.Tensor:
+    def head(self, hidden_rows: torch.Tensor, host_gemm: Optional[HostGemm] = None) -> torch.Tensor:
+        """The masked LM head on final-normed hidden rows [R, d]: float logits [R, vocab]."""
+        if host_gemm is None and self.mode == "shielded":
+            raise ValueError("the shielded executor needs a host_gemm callback")
+        return self._linear("lm_head", hidden_rows, host_gemm)
+
+    def _layers(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
+                host_gemm) -> torch.Tensor:
         n = int(input_ids.shape[0])
         h = self.embed[input_ids]                                     # [N, d] float32
         cos, sin = self.rotary(h, positions[None, :])
@@ -599,8 +625,7 @@ class ShieldedExecutor:
             inter = gu.shape[1] // 2
             a = self.act(gu[:, :inter]) * gu[:, inter:]
             h = h + self._linear(f"layers.{i}.down", a, host_gemm)
-        h = self.final_norm(h[logits_indices])
-        return self._linear("lm_head", h, host_gemm)
+        return h
 
     def close(self) -> None:
         """Stop the mask provider's background thread (if any) and overwrite its pool."""

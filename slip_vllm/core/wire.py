@@ -191,7 +191,8 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
 #     tokens   u32  N, the flattened tokens of the step (>= 1)
 #     seqs     u32  S, the sequences of the step (>= 1)
 #     blocks   u32  B, the width of the block table
-#     logits   u32  R, the token rows to produce logits for (0: the last token of every sequence)
+#     logits   u32  R, the token rows to produce logits for (0: the last token of every sequence;
+#                   DEFER_LOGITS: none now, the host asks later with MSG_ROWS frames)
 #     session  u64  random id of the calling process
 #     seq      u64  strictly increasing per session
 #     then int64 arrays: input_ids[N], positions[N], slot_mapping[N], query_start_loc[S+1],
@@ -201,8 +202,11 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
 #
 #     magic    4s   b"SLM1"
 #     kind     u8   MSG_ASK (service -> host: multiply x~ by W_q[key]) | MSG_ANSWER (host -> service:
-#                   y~ for the ask) | MSG_LOGITS (service -> host: the step's float logits)
-#     dtype    u8   DTYPE_INT64 for ASK/ANSWER (field elements in [0, p)), DTYPE_FLOAT32 for LOGITS
+#                   y~ for the ask) | MSG_LOGITS (service -> host: float logits) | MSG_READY (service ->
+#                   host: the layers of a deferred step are done; payload [[N]]) | MSG_ROWS (host ->
+#                   service, POST /v1/shielded/logits: token rows [1, R] of the ready step to produce
+#                   logits for; may be sent several times until the next step)
+#     dtype    u8   DTYPE_INT64 for ASK/ANSWER/READY/ROWS, DTYPE_FLOAT32 for LOGITS
 #     key_len  u16  length of the layer key (ASCII, <= MAX_KEY_LEN; 0 for LOGITS)
 #     call     u32  index of the host call within the step (0, 1, ...)
 #     step     u64  the step id the service gave out
@@ -216,12 +220,16 @@ MSG_MAGIC = b"SLM1"
 MSG_ASK = 1
 MSG_ANSWER = 2
 MSG_LOGITS = 3
+MSG_READY = 4
+MSG_ROWS = 5
+DEFER_LOGITS = 0xFFFFFFFF  # the step frame's logits count that means "rows come later"
 DTYPE_INT64 = 4
 MAX_KEY_LEN = 64
 _STEP_HEAD = struct.Struct("<4sIIIIQQ")
 _MSG_HEAD = struct.Struct("<4sBBHIQII")
 _MSG_DTYPES = {DTYPE_INT64: torch.int64, DTYPE_FLOAT32: torch.float32}
-_MSG_KIND_DTYPE = {MSG_ASK: DTYPE_INT64, MSG_ANSWER: DTYPE_INT64, MSG_LOGITS: DTYPE_FLOAT32}
+_MSG_KIND_DTYPE = {MSG_ASK: DTYPE_INT64, MSG_ANSWER: DTYPE_INT64, MSG_LOGITS: DTYPE_FLOAT32,
+                   MSG_READY: DTYPE_INT64, MSG_ROWS: DTYPE_INT64}
 _STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
                 "logits_indices")
 
@@ -237,6 +245,7 @@ class ShieldedStep:
     seq_lens: torch.Tensor         # int64 [S]
     block_tables: torch.Tensor     # int64 [S, B]
     logits_indices: torch.Tensor | None  # int64 [R], None: the last token of every sequence
+    defer_logits: bool = False     # True: no logits now; the host sends MSG_ROWS after MSG_READY
 
 
 @dataclass(frozen=True)
@@ -253,14 +262,17 @@ def _i64(t) -> torch.Tensor:
 
 
 def encode_shielded_step(session: int, seq: int, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
-                         block_tables, logits_indices=None) -> bytes:
+                         block_tables, logits_indices=None, *, defer_logits: bool = False) -> bytes:
     bt = torch.as_tensor(block_tables).to(torch.int64)
     if bt.dim() != 2:
         raise WireError("block_tables must be [S, B]")
+    if defer_logits and logits_indices is not None:
+        raise WireError("a deferred step carries no logits_indices")
     arrays = [_i64(input_ids), _i64(positions), _i64(slot_mapping), _i64(query_start_loc), _i64(seq_lens),
               bt.reshape(-1), _i64(logits_indices) if logits_indices is not None else torch.empty(0, dtype=torch.int64)]
     n, s, r = arrays[0].numel(), arrays[4].numel(), arrays[6].numel()
-    head = _STEP_HEAD.pack(STEP_MAGIC, n, s, int(bt.shape[1]), r, session & (2**64 - 1), seq & (2**64 - 1))
+    head = _STEP_HEAD.pack(STEP_MAGIC, n, s, int(bt.shape[1]), DEFER_LOGITS if defer_logits else r,
+                           session & (2**64 - 1), seq & (2**64 - 1))
     return head + b"".join(a.contiguous().numpy().astype("<i8").tobytes() for a in arrays)
 
 
@@ -273,6 +285,9 @@ def decode_shielded_step(body: bytes | memoryview) -> ShieldedStep:
         raise WireError("bad magic: not a SLIP shielded step frame")
     if n == 0 or s == 0 or b == 0:
         raise WireError("a step needs at least one token, one sequence and one block-table column")
+    defer = r == DEFER_LOGITS
+    if defer:
+        r = 0
     counts = (n, n, n, s + 1, s, s * b, r)
     expected = _STEP_HEAD.size + 8 * sum(counts)  # Python ints: no overflow
     if len(view) != expected:
@@ -285,7 +300,7 @@ def decode_shielded_step(body: bytes | memoryview) -> ShieldedStep:
     out["block_tables"] = out["block_tables"].reshape(s, b)
     if r == 0:
         out["logits_indices"] = None
-    return ShieldedStep(session=session, seq=seq, **out)
+    return ShieldedStep(session=session, seq=seq, defer_logits=defer, **out)
 
 
 def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: torch.Tensor) -> bytes:

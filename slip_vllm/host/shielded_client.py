@@ -18,6 +18,10 @@ Protocol of one step (``step``)
 3. y~ = W_q[key] x~ mod p (``field.field_matmul``, exact); send (step, call, key, y~) to
    POST /v1/shielded/gemm;
 4. repeat 2-3 until the reply carries the float logits [R, vocab] instead of a request.
+Deferred form (``begin`` + ``logits``, what the vLLM model uses because vLLM's runner chooses its
+logits rows after the forward): the step frame asks for no logits; steps 2-3 repeat until MSG_READY;
+then each ``logits(rows)`` sends MSG_ROWS to POST /v1/shielded/logits and runs steps 2-3 once more
+for the LM head until MSG_LOGITS.
 A refusal (4xx/5xx) raises ``ShieldedServiceError`` with the service's status and message.
 """
 
@@ -34,10 +38,11 @@ from safetensors.torch import load_file
 from slip_vllm.core.field import FieldWeight, field_matmul
 from slip_vllm.core.manifest import ManifestError, read_public_manifest, sha256_bytes
 from slip_vllm.core.wire import (
-    MSG_ANSWER, MSG_ASK, MSG_LOGITS, decode_shielded_message, encode_shielded_message, encode_shielded_step,
+    MSG_ANSWER, MSG_ASK, MSG_LOGITS, MSG_READY, MSG_ROWS, decode_shielded_message, encode_shielded_message,
+    encode_shielded_step,
 )
 
-__all__ = ["ShieldedServiceError", "ShieldedHost"]
+__all__ = ["ShieldedServiceError", "PublicShieldedWeights", "load_public_weights", "ShieldedHost"]
 
 OCTET = "application/octet-stream"
 
@@ -49,6 +54,38 @@ class ShieldedServiceError(RuntimeError):
         self.message = message
 
 
+class PublicShieldedWeights:
+    """What OUT/public of a shielded artifact gives the host: p, the layer keys and W_q per key."""
+
+    def __init__(self, manifest, manifest_sha256: str, p: int, layer_keys: List[str],
+                 weights: Dict[str, FieldWeight]):
+        self.manifest, self.manifest_sha256 = manifest, manifest_sha256
+        self.p, self.layer_keys, self.weights = p, layer_keys, weights
+
+
+def load_public_weights(public_dir) -> PublicShieldedWeights:
+    """Read OUT/public strictly: the manifest must be a shielded one, and every W_q must be int8,
+    of the manifest's shape and hash (``ManifestError`` otherwise)."""
+    public_dir = Path(public_dir)
+    manifest, digest = read_public_manifest(public_dir)
+    if manifest.protocol != "shielded":
+        raise ManifestError(f"{public_dir} is a {manifest.protocol!r} artifact, not a shielded one")
+    p = int(manifest.extra["p"])
+    layer_keys = list(manifest.extra["layer_keys"])
+    tensors = load_file(str(public_dir / manifest.extra.get("public_weights_file", "model.safetensors")))
+    weights: Dict[str, FieldWeight] = {}
+    for entry in manifest.tensors:
+        w = tensors.get(f"{entry.name}.w_q")
+        if w is None or w.dtype != torch.int8 or tuple(w.shape) != tuple(entry.shape):
+            raise ManifestError(f"{entry.name}: public weight is missing or not int8 {entry.shape}")
+        if sha256_bytes(w.contiguous().numpy().tobytes()) != entry.public_sha256:
+            raise ManifestError(f"{entry.name}: public weight does not match the manifest's hash")
+        weights[entry.name] = FieldWeight(w.contiguous(), p)
+    if sorted(weights) != sorted(layer_keys):
+        raise ManifestError("the manifest's layer keys and its tensors differ")
+    return PublicShieldedWeights(manifest, digest, p, layer_keys, weights)
+
+
 class ShieldedHost:
     """The host side of protocol ``shielded`` (see the module docstring).
 
@@ -57,23 +94,15 @@ class ShieldedHost:
     ``calls`` lists the layer keys of the last step's calls, in order.
     """
 
-    def __init__(self, public_dir, service_url: str, *, token: str = "", timeout: float = 30.0,
+    def __init__(self, public, service_url: str, *, token: str = "", timeout: float = 30.0,
                  record: bool = False):
-        public_dir = Path(public_dir)
-        manifest, self.manifest_sha256 = read_public_manifest(public_dir)
-        if manifest.protocol != "shielded":
-            raise ManifestError(f"{public_dir} is a {manifest.protocol!r} artifact, not a shielded one")
-        self.p = int(manifest.extra["p"])
-        self.layer_keys: List[str] = list(manifest.extra["layer_keys"])
-        tensors = load_file(str(public_dir / manifest.extra.get("public_weights_file", "model.safetensors")))
-        self.weights: Dict[str, FieldWeight] = {}
-        for entry in manifest.tensors:
-            w = tensors[f"{entry.name}.w_q"]
-            if w.dtype != torch.int8 or tuple(w.shape) != tuple(entry.shape):
-                raise ManifestError(f"{entry.name}: public weight is not int8 {entry.shape}")
-            if sha256_bytes(w.contiguous().numpy().tobytes()) != entry.public_sha256:
-                raise ManifestError(f"{entry.name}: public weight does not match the manifest's hash")
-            self.weights[entry.name] = FieldWeight(w.contiguous(), self.p)
+        """public: OUT/public, or its already loaded ``PublicShieldedWeights``."""
+        if not isinstance(public, PublicShieldedWeights):
+            public = load_public_weights(public)
+        self.manifest_sha256 = public.manifest_sha256
+        self.p = public.p
+        self.layer_keys: List[str] = public.layer_keys
+        self.weights: Dict[str, FieldWeight] = public.weights
         self.url = service_url.rstrip("/")
         headers = {"content-type": OCTET}
         if token:
@@ -84,6 +113,9 @@ class ShieldedHost:
         self.record = record
         self.received: List[Tuple[str, torch.Tensor]] = []
         self.calls: List[str] = []
+        self.ready_step: Optional[int] = None  # the deferred step whose logits may be asked for
+        self._next_call = 0
+        self.ready_rows = 0
 
     def close(self) -> None:
         self.client.close()
@@ -113,13 +145,42 @@ class ShieldedHost:
         """Run one step against the service (steps 1-4); float32 logits [R, vocab]."""
         self.seq += 1
         self.calls = []
+        self.ready_step = None
         body = encode_shielded_step(self.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
                                     seq_lens, block_tables, logits_indices)
-        reply = self._post("/v1/shielded/step", body)
+        return self._drive(self._post("/v1/shielded/step", body), MSG_LOGITS).payload
+
+    def begin(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables) -> int:
+        """A deferred step: run every decoder layer (steps 1-3 until MSG_READY); returns the
+        number of token rows whose logits ``logits`` may then ask for."""
+        self.seq += 1
+        self.calls = []
+        self.ready_step = None
+        body = encode_shielded_step(self.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
+                                    seq_lens, block_tables, defer_logits=True)
+        msg = self._drive(self._post("/v1/shielded/step", body), MSG_READY)
+        self.ready_step, self._next_call = msg.step, msg.call
+        self.ready_rows = int(msg.payload[0, 0])
+        return self.ready_rows
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [R, vocab] of token rows of the ready step (the masked LM head)."""
+        if self.ready_step is None:
+            raise RuntimeError("no ready step: call begin() first")
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(1, -1)
+        body = encode_shielded_message(MSG_ROWS, self.ready_step, self._next_call, "", rows)
+        msg = self._drive(self._post("/v1/shielded/logits", body), MSG_LOGITS)
+        self._next_call = msg.call
+        if tuple(msg.payload.shape) != (rows.shape[1], self.weights["lm_head"].m):
+            raise ShieldedServiceError(502, f"logits of shape {tuple(msg.payload.shape)} for {rows.shape[1]} rows")
+        return msg.payload
+
+    def _drive(self, reply: bytes, final_kind: int):
+        """Steps 2-3 until the service's reply is of ``final_kind``; returns that message."""
         while True:
             msg = decode_shielded_message(reply)
-            if msg.kind == MSG_LOGITS:
-                return msg.payload
+            if msg.kind == final_kind:
+                return msg
             if msg.kind != MSG_ASK:
                 raise ShieldedServiceError(502, f"unexpected message kind {msg.kind}")
             x = msg.payload

@@ -432,6 +432,47 @@ def test_one_step_in_flight_a_new_step_supersedes_the_old_one(artifacts, service
     assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, ref_rows[:n]))
 
 
+def test_deferred_steps_give_the_same_logits_for_rows_asked_after_the_layers(artifacts, services, reference):
+    """The vLLM form of a step: layers first (MSG_READY), then any number of logits requests for
+    chosen rows (sampling rows, prompt-logprob rows), bit-identical to the one-shot step; a stale,
+    replayed or out-of-range request is refused and the service stays correct."""
+    _, out = artifacts["qwen2"]
+    service = services("qwen2")
+    steps, ref_rows = reference("qwen2")
+    before = _stats(service)["shielded"]
+    with ShieldedHost(out / "public", service.url) as host:
+        rows = []
+        for st in steps:
+            b = _batch(st)
+            del b["logits_indices"]
+            n = host.begin(**b)
+            assert n == int(st["input_ids"].shape[0]) and host.calls == host.layer_keys[:-1]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+            first, second = order[: n // 2 + 1], order[n // 2 + 1:]
+            logits = torch.empty(n, host.weights["lm_head"].m)
+            logits[first] = host.logits(first)
+            if len(second):
+                logits[second] = host.logits(second)
+            rows += [(sid, j, logits[r]) for r, (sid, j) in enumerate(st["rows"])]
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, ref_rows))
+        # refusals: out-of-range rows, a replayed request, a superseded step
+        ready, call = host.ready_step, host._next_call
+        post = lambda path, body: httpx.post(service.url + path, content=body, timeout=30)  # noqa: E731
+        bad = post("/v1/shielded/logits", wire.encode_shielded_message(
+            wire.MSG_ROWS, ready, call, "", torch.tensor([[host.ready_rows]])))
+        assert bad.status_code == 422
+        replay = post("/v1/shielded/logits", wire.encode_shielded_message(
+            wire.MSG_ROWS, ready, call - 2, "", torch.tensor([[0]])))
+        assert replay.status_code == 409
+        host.step(**_batch(steps[0]))  # a one-shot step supersedes the ready one
+        stale = post("/v1/shielded/logits", wire.encode_shielded_message(
+            wire.MSG_ROWS, ready, call, "", torch.tensor([[0]])))
+        assert stale.status_code == 409 and "no ready step" in stale.json()["error"]
+    after = _stats(service)["shielded"]
+    assert after["logits_requests"] - before["logits_requests"] == sum(
+        1 + (len(st["rows"]) > len(st["rows"]) // 2 + 1) for st in steps)
+
+
 def test_bearer_token_guards_the_shielded_plane(artifacts, reference):
     from starlette.testclient import TestClient
 
