@@ -97,7 +97,7 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
 
         cfg = settings()
         opts = {"num_blocks": cfg.shielded_kv_blocks, "block_size": cfg.shielded_block_size,
-                "timeout_s": cfg.shielded_step_timeout_s, **(shielded_options or {})}
+                "timeout_s": cfg.shielded_step_timeout_s, "mask_audit": cfg.mask_audit, **(shielded_options or {})}
         try:
             shielded = ShieldedService(bundle.path, **opts)
         except (ValueError, KeyError) as exc:

@@ -56,6 +56,7 @@ from typing import Optional
 import torch
 
 from secure_service.integrity import IntegrityError
+from secure_service.masks import MaskAuditRecorder
 from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core.wire import (
     MSG_ASK, MSG_LOGITS, MSG_READY, ShieldedMessage, ShieldedStep, encode_shielded_message,
@@ -105,9 +106,12 @@ class ShieldedService:
     """One executor, one step in flight at a time (see the module docstring)."""
 
     def __init__(self, bundle_dir, *, num_blocks: int, block_size: int, timeout_s: float = 60.0,
-                 pool_rows: Optional[int] = None):
+                 pool_rows: Optional[int] = None, mask_audit: bool = False):
+        """mask_audit: fingerprint every mask row handed out (``MaskAuditRecorder``) and report the
+        audit in ``stats()`` (rows, unique rows, repeats)."""
+        self.audit = MaskAuditRecorder() if mask_audit else None
         self.executor = ShieldedExecutor.from_bundle(bundle_dir, num_blocks=num_blocks, block_size=block_size,
-                                                     pool_rows=pool_rows)
+                                                     pool_rows=pool_rows, mask_recorder=self.audit)
         self.timeout_s = float(timeout_s)
         self.shapes = {k: tuple(w.shape) for k, w in self.executor.public_weights().items()}
         self._lock = threading.Lock()
@@ -128,8 +132,12 @@ class ShieldedService:
             counts = dict(self._counts)
         alarms = self.executor.alarms.snapshot()
         masks = self.executor.masks.stats() if self.executor.masks is not None else {}
-        return {**counts, "integrity_alarms": alarms["count"], "alarms_per_layer": alarms["per_layer"],
-                "masks": masks}
+        out = {**counts, "integrity_alarms": alarms["count"], "alarms_per_layer": alarms["per_layer"],
+               "masks": masks}
+        if self.audit is not None:
+            out["mask_audit"] = {"rows_recorded": self.audit.rows_recorded, "unique_rows": self.audit.unique_rows,
+                                 "repeats": len(self.audit.duplicates)}
+        return out
 
     # -- the worker ------------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from secure_service.integrity import AlarmCounter, FreivaldsKey
-from secure_service.masks import MaskProvider, PooledMaskProvider
+from secure_service.masks import MaskAuditRecorder, MaskProvider, PooledMaskProvider
 from secure_service.shielded_linear import ShieldedLinear
 from slip_vllm.core.decompose import RankPolicy, split_matrix
 from slip_vllm.core.quantize import (
@@ -332,7 +332,8 @@ class ShieldedExecutor:
                  act_bits: int = DEFAULT_ACT_BITS, masks: Optional[MaskProvider] = None,
                  pool_rows: Optional[int] = None, alarms: Optional[AlarmCounter] = None,
                  quantized: Optional[Dict[str, QuantizedWeight]] = None, p: Optional[int] = None,
-                 freivalds: Optional[Dict[str, torch.Tensor]] = None):
+                 freivalds: Optional[Dict[str, torch.Tensor]] = None,
+                 mask_recorder: Optional[MaskAuditRecorder] = None):
         """quantized / p / freivalds (a secret bundle's stored W_q and scales, prime, Freivalds
         vectors u per layer key): use them instead of quantizing ``splits[key].public``, choosing
         p and drawing fresh keys; p is checked against the bound of every layer."""
@@ -407,7 +408,7 @@ class ShieldedExecutor:
         quantized = self._quantized
         self._public = {key: PublicWeight(q.w_q, self.p) for key, q in quantized.items()}
         if masks is None:
-            masks = PooledMaskProvider(self._public, self.p, pool_rows=pool_rows)
+            masks = PooledMaskProvider(self._public, self.p, pool_rows=pool_rows, recorder=mask_recorder)
         self.masks = masks
         for key, s in splits.items():
             fkey = None

@@ -71,14 +71,20 @@ class Settings:
         default=32,
         metadata={"env": "SLIP_MASK_PRECOMPUTE_CHUNK", "help": "shielded: mask rows the background thread makes per batch"},
     )
+    mask_audit: bool = field(
+        default=False,
+        metadata={"env": "SLIP_MASK_AUDIT",
+                  "help": "shielded: fingerprint every mask row handed out (keyed hash) and report repeats in /v1/stats"},
+    )
     shielded_kv_blocks: int = field(
         default=512,
         metadata={"env": "SLIP_SHIELDED_KV_BLOCKS",
                   "help": "shielded: KV-cache blocks the service allocates (must cover the host scheduler's blocks)"},
     )
     shielded_block_size: int = field(
-        default=16,
-        metadata={"env": "SLIP_SHIELDED_BLOCK_SIZE", "help": "shielded: tokens per KV-cache block (the host's block size)"},
+        default=32,
+        metadata={"env": "SLIP_SHIELDED_BLOCK_SIZE",
+                  "help": "shielded: tokens per KV-cache block, vLLM's and the service's (vLLM's CPU attention needs a multiple of 32)"},
     )
     shielded_step_timeout_s: float = field(
         default=60.0,

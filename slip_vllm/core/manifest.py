@@ -17,6 +17,7 @@ from pathlib import Path
 FORMAT_VERSION = 1
 MANIFEST_FILE = "slip_manifest.json"
 QUANT_METHOD = "slip"
+SHIELDED_ARCHITECTURE = "SlipShieldedForCausalLM"  # the vLLM architecture of a shielded OUT/public
 PROTOCOLS = ("split", "shielded")
 
 KIND_LINEAR = "linear"

@@ -1,7 +1,7 @@
 """The ``slip`` load format: loads the public residual and binds every protected layer to its
 secret counterpart in the secure service.
 
-Steps (``vllm serve OUT/public --load-format slip``):
+Steps (``vllm serve OUT/public --load-format slip``), protocol ``split``:
   1. read and verify the public manifest (its hash must match config.json's quantization_config);
   2. contact the secure service (``SLIP_SERVICE_URL`` or ``--model-loader-extra-config
      '{"service_url": ...}'``) and check it holds the bundle paired with this manifest; fail start-up
@@ -12,6 +12,10 @@ Steps (``vllm serve OUT/public --load-format slip``):
      name tables;
   4. validate strictly: every protected tensor must land in a SLIP layer with the manifest's shape,
      every fused layer must be covered entirely, and then each layer's plan is marked ready.
+Protocol ``shielded`` (the model is ``host.shielded_model.SlipShieldedForCausalLM``): steps 1-2, the
+service must also agree on the KV-cache geometry and the prime; then the public int8 weights are
+read and checked against the manifest's hashes (``bind_shielded``); vLLM's own weight loading is
+not used.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class SlipLoadError(RuntimeError):
     pass
 
 
-def check_service(url: str, manifest_sha256: str, wait_s: float) -> dict:
+def check_service(url: str, manifest_sha256: str, wait_s: float, protocol: str = "split") -> dict:
     """Wait for the service and check it holds the bundle paired with this artifact."""
     deadline = time.monotonic() + wait_s
     last = None
@@ -61,9 +65,33 @@ def check_service(url: str, manifest_sha256: str, wait_s: float) -> dict:
             f"{str(info.get('public_manifest_sha256'))[:16]}..., this model needs {manifest_sha256[:16]}...). "
             f"Start the service with the OUT_DIR/secret written by the same `slip protect` run."
         )
-    if info.get("protocol") != "split":
-        raise SlipLoadError(f"the service runs protocol {info.get('protocol')!r}; this artifact needs 'split'")
+    if info.get("protocol") != protocol:
+        raise SlipLoadError(f"the service runs protocol {info.get('protocol')!r}; this artifact needs {protocol!r}")
     return info
+
+
+def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
+    """Shielded artifacts: check the service (bundle, protocol, KV geometry) and give the model its
+    public int8 weights (validated against the manifest) and a host driver."""
+    from slip_vllm.host.shielded_client import ShieldedHost, load_public_weights
+
+    cfg = settings()
+    info = check_service(url, manifest_sha256, cfg.startup_wait_s, protocol="shielded")
+    if int(info.get("block_size", -1)) != model.cache_block_size:
+        raise SlipLoadError(f"the secure service pages its KV cache in blocks of {info.get('block_size')} tokens, "
+                            f"vLLM in blocks of {model.cache_block_size}: set the same SLIP_SHIELDED_BLOCK_SIZE "
+                            f"for both")
+    if model.cache_blocks is None or int(info.get("kv_blocks", -1)) < int(model.cache_blocks):
+        raise SlipLoadError(f"the secure service holds {info.get('kv_blocks')} KV blocks but vLLM may use "
+                            f"{model.cache_blocks}: set the same SLIP_SHIELDED_KV_BLOCKS for both")
+    try:
+        public = load_public_weights(public_dir)
+    except ManifestError as exc:
+        raise SlipLoadError(str(exc)) from None
+    if public.p != int(info.get("p", -1)):
+        raise SlipLoadError(f"the service's prime {info.get('p')} is not the artifact's {public.p}")
+    host = ShieldedHost(public, url, token=cfg.service_token, timeout=cfg.service_timeout_s)
+    model.bind(host, retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s)
 
 
 def _row_order(shard_id) -> int:
@@ -208,6 +236,11 @@ class SlipModelLoader(DefaultModelLoader):
         except ManifestError as exc:
             raise SlipLoadError(str(exc)) from None
         cfg = settings()
+        if manifest.protocol == "shielded":
+            bind_shielded(model, model_config.model, self.service_url, digest)
+            log.info("SLIP shielded: %d masked GEMMs per step bound to the secure service at %s (manifest %s)",
+                     len(model.host.layer_keys), self.service_url, digest[:16])
+            return
         check_service(self.service_url, digest, cfg.startup_wait_s)
         client_mod.configure(client_mod.ClientConfig(
             url=self.service_url, token=cfg.service_token, timeout_s=cfg.service_timeout_s,

@@ -5,8 +5,11 @@ Registers, once per process:
   * the ``slip`` load format (``--load-format slip``),
   * the custom ops used inside the forward pass,
   * the scheduler hook that turns service outages into request errors (engine-core process),
-  * on GPU platforms, eager mode for SLIP artifacts: a captured CUDA graph would replay decode steps
-    without calling the secure service.
+  * the ``SlipShieldedForCausalLM`` architecture (lazily, by name) that serves shielded artifacts,
+  * engine-argument fixes: on GPU platforms, eager mode for SLIP artifacts (a captured CUDA graph
+    would replay decode steps without calling the secure service); for shielded artifacts also the
+    KV-cache geometry the secure service mirrors (block size, number of blocks from the
+    SLIP_SHIELDED_* settings, refused if the command line asks for something else) and eager mode.
 Nothing here opens a connection or starts a thread.
 """
 
@@ -18,7 +21,39 @@ log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers form
 _REGISTERED = False
 
 
-def _force_safe_graph_mode() -> None:
+def _artifact_protocol(model: str) -> str | None:
+    """The SLIP protocol named by a local model directory's config.json (None: not a SLIP artifact)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "slip":
+        return None
+    return str(quant.get("protocol", "split"))
+
+
+def _pin_shielded_cache(args) -> None:
+    """The secure service mirrors vLLM's paged KV cache: same block size, at least as many blocks."""
+    from slip_vllm.settings import settings
+
+    cfg = settings()
+    if args.block_size is not None and int(args.block_size) != cfg.shielded_block_size:
+        raise ValueError(f"--block-size {args.block_size} differs from SLIP_SHIELDED_BLOCK_SIZE="
+                         f"{cfg.shielded_block_size}, the block size of the secure service's KV cache")
+    if args.num_gpu_blocks_override is not None and int(args.num_gpu_blocks_override) > cfg.shielded_kv_blocks:
+        raise ValueError(f"--num-gpu-blocks-override {args.num_gpu_blocks_override} exceeds SLIP_SHIELDED_KV_BLOCKS="
+                         f"{cfg.shielded_kv_blocks}, the blocks of the secure service's KV cache")
+    args.block_size = cfg.shielded_block_size
+    if args.num_gpu_blocks_override is None:
+        args.num_gpu_blocks_override = cfg.shielded_kv_blocks
+    args.enforce_eager = True  # nothing to compile: the model is service round trips
+
+
+def _fix_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     if getattr(EngineArgs.create_engine_config, "_slip_wrapped", False):
@@ -28,10 +63,13 @@ def _force_safe_graph_mode() -> None:
     def create_engine_config(self, *args, **kwargs):
         from vllm.platforms import current_platform
 
-        if self.load_format == "slip" and not current_platform.is_cpu() and not self.enforce_eager:
-            log.warning("SLIP: enabling --enforce-eager: CUDA graphs would replay steps without the "
-                        "secure service's contribution")
-            self.enforce_eager = True
+        if self.load_format == "slip":
+            if _artifact_protocol(self.model) == "shielded":
+                _pin_shielded_cache(self)
+            if not current_platform.is_cpu() and not self.enforce_eager:
+                log.warning("SLIP: enabling --enforce-eager: CUDA graphs would replay steps without the "
+                            "secure service's contribution")
+                self.enforce_eager = True
         return original(self, *args, **kwargs)
 
     create_engine_config._slip_wrapped = True
@@ -42,6 +80,7 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from vllm import ModelRegistry
     from vllm.model_executor.layers.quantization import register_quantization_config
     from vllm.model_executor.model_loader import register_model_loader
 
@@ -57,6 +96,9 @@ def register() -> None:
     register_quantization_config(QUANT_METHOD)(SlipConfig)
     register_model_loader("slip")(SlipModelLoader)
     register_ops()
+    from slip_vllm.host.shielded_model import ARCHITECTURE
+
+    ModelRegistry.register_model(ARCHITECTURE, f"slip_vllm.host.shielded_model:{ARCHITECTURE}")
     install_scheduler_hook()
-    _force_safe_graph_mode()
+    _fix_engine_args()
     _REGISTERED = True

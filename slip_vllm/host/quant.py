@@ -149,13 +149,16 @@ class SlipConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SlipConfig":
         protocol = config.get("protocol", "split")
-        if protocol != "split":
-            raise ValueError(f"this build of the SLIP plugin serves protocol 'split'; the artifact "
-                             f"uses {protocol!r}")
+        if protocol not in ("split", "shielded"):
+            raise ValueError(f"unknown SLIP protocol {protocol!r} (this plugin serves 'split' and 'shielded')")
         return cls(protocol=protocol, manifest_sha256=str(config.get("manifest_sha256", "")),
                    manifest=str(config.get("manifest", "")))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if self.protocol == "shielded":
+            raise ValueError(f"a shielded SLIP artifact is served by the SlipShieldedForCausalLM architecture "
+                             f"(config.json 'architectures'), not by vLLM's own layers (layer {prefix}); "
+                             f"re-run `slip protect --protocol shielded`")
         tp_size = getattr(layer, "tp_size", 1)
         if tp_size != 1:
             raise NotImplementedError(f"SLIP serving supports tensor_parallel_size=1 only "

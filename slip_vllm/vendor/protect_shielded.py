@@ -52,7 +52,8 @@ import torch
 from safetensors.torch import save_file
 
 from slip_vllm.core.manifest import (
-    KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_OUT_IN, QUANT_METHOD, Manifest, TensorEntry, sha256_bytes,
+    KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_OUT_IN, QUANT_METHOD, SHIELDED_ARCHITECTURE, Manifest,
+    TensorEntry, sha256_bytes,
     sha256_file,
 )
 
@@ -119,7 +120,10 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
         raw_config = json.loads((model_dir / "config.json").read_text())
         raw_config["quantization_config"] = {"quant_method": QUANT_METHOD, "protocol": "shielded",
                                              "manifest": MANIFEST_FILE, "manifest_sha256": manifest_sha}
-        (public_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+        # vLLM serves the public dir with the plugin's SlipShieldedForCausalLM (masked GEMMs only);
+        # the secret copy keeps the original architecture for the service's executor.
+        public_config = {**raw_config, "architectures": [SHIELDED_ARCHITECTURE]}
+        (public_dir / "config.json").write_text(json.dumps(public_config, indent=2) + "\n")
         (public_dir / MANIFEST_FILE).write_text(manifest_text)
         for name in copy_files:
             if (model_dir / name).is_file():

@@ -436,9 +436,9 @@ def test_deferred_steps_give_the_same_logits_for_rows_asked_after_the_layers(art
     """The vLLM form of a step: layers first (MSG_READY), then any number of logits requests for
     chosen rows (sampling rows, prompt-logprob rows), bit-identical to the one-shot step; a stale,
     replayed or out-of-range request is refused and the service stays correct."""
-    _, out = artifacts["qwen2"]
-    service = services("qwen2")
-    steps, ref_rows = reference("qwen2")
+    _, out = artifacts["llama"]  # the qwen2 service is stopped by the restart test
+    service = services("llama")
+    steps, ref_rows = reference("llama")
     before = _stats(service)["shielded"]
     with ShieldedHost(out / "public", service.url) as host:
         rows = []
