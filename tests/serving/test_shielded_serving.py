@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import httpx
+import openai
 import pytest
 import torch
 from openai import OpenAI
@@ -289,3 +290,66 @@ def test_the_host_receives_only_uniform_one_time_masked_values(stack):
     print(f"boundary: {len(rep.asks)} masked GEMM calls, {masked.numel()} field elements, p={p}; "
           f"corr(x~, x_q)={corr:+.4f}; chi-square p={uniform_p:.3f}; mask rows audited {audit['rows_recorded']}, "
           f"repeats {audit['repeats']}; pool hits {stats['masks']['pool_hits']}, misses {stats['masks']['pool_misses']}")
+
+
+def test_a_host_that_alters_one_result_element_is_caught_and_only_that_request_fails(stack):
+    """The proxy plays a cheating host: it changes one element of one masked GEMM result on its
+    way to the service.  The service's Freivalds check refuses the step (alarm counter + 1), vLLM
+    ends that request with an error and stays up, and the next request is answered correctly."""
+    p = stack.p
+    armed = {"left": 1}
+
+    def alter_one_element(path, body):
+        if path != "/v1/shielded/gemm" or not armed["left"]:
+            return None
+        armed["left"] -= 1
+        msg = wire.decode_shielded_message(body, expect_kind=wire.MSG_ANSWER)
+        y = msg.payload.clone()
+        y[-1, 0] = (y[-1, 0] + 1) % p
+        return wire.encode_shielded_message(wire.MSG_ANSWER, msg.step, msg.call, msg.key, y)
+
+    before = stack.stats()
+    client = stack.client(stack.slip)
+    prompt = _validation_prompts(1, 20)[0]
+    stack.proxy.tamper = alter_one_element
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
+        assert err.value.status_code >= 500
+    finally:
+        stack.proxy.tamper = None
+    after = stack.stats()
+    assert armed["left"] == 0
+    assert after["integrity_alarms"] == before["integrity_alarms"] + 1
+    assert after["steps_aborted"] == before["steps_aborted"] + 1
+    assert httpx.get(stack.slip.url + "/health", timeout=10).status_code == 200
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0,
+                                  extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True}, logprobs=1)
+    ref = ShieldedExecutor.from_bundle(stack.protected / "secret", num_blocks=4, block_size=BLOCK_SIZE,
+                                       mode="fixed_point")
+    assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in _offline_greedy(ref, prompt, 4)]
+
+
+def test_service_outage_gives_request_errors_and_recovery(stack):
+    """Stop the service while vLLM serves: requests fail cleanly (streaming too), vLLM stays up;
+    after a restart (empty KV cache; vLLM dropped its prefix cache on the failure) requests are
+    answered correctly again."""
+    client = stack.client(stack.slip)
+    prompt = _validation_prompts(2, 20)[1]
+    stack.service.stop()
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
+        assert err.value.status_code >= 500
+        with pytest.raises(openai.APIError):
+            for _ in client.completions.create(model="m", prompt=prompt, max_tokens=4, stream=True):
+                pass
+        assert stack.slip.alive()
+        assert httpx.get(stack.slip.url + "/health", timeout=10).status_code == 200
+    finally:
+        stack.service.start().wait_ready(120)
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    ref = ShieldedExecutor.from_bundle(stack.protected / "secret", num_blocks=4, block_size=BLOCK_SIZE,
+                                       mode="fixed_point")
+    assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in _offline_greedy(ref, prompt, 6)]
