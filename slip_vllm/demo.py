@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="HF model directory to protect (default: a tiny random Llama)")
     parser.add_argument("--workdir", default=None, help="where to write artifacts and logs (default: a temp dir)")
     parser.add_argument("--prompt", default="Explain what the secure service keeps.")
+    parser.add_argument("--protocol", choices=["split", "shielded"], default="split",
+                        help="split: fast, the host sees activations; shielded: the host sees only masked values")
     args = parser.parse_args(argv)
 
     from openai import OpenAI
@@ -37,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         print("[demo] 1/5 making a small random Llama model (no model hub here)")
         model = make_tiny_model("llama", work / "original", hidden=128, layers=2)
-    print(f"[demo] 2/5 slip protect --model {model} --out {work / 'protected'}")
+    print(f"[demo] 2/5 slip protect --model {model} --out {work / 'protected'} --protocol {args.protocol}")
     subprocess.run([str(BIN / "slip"), "protect", "--model", str(model), "--out", str(work / "protected"),
-                    "--force"], check=True)
+                    "--protocol", args.protocol, "--force"], check=True)
     service = secure_service(work / "protected" / "secret", logs)
     server = vllm_server(work / "protected" / "public", logs, "vllm-slip", slip=True, service_url="")
     try:
@@ -67,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if calls <= 0:
             print("[demo] error: the completion did not go through the secure service", file=sys.stderr)
             return 1
-        print("[demo] (the model is random, so the text is gibberish; the tests check it token for token "
-              "against stock vLLM on the original weights)")
+        if args.protocol == "split":
+            print("[demo] (the model is random, so the text is gibberish; the tests check it token for token "
+                  "against stock vLLM on the original weights)")
+        else:
+            print("[demo] (the model is random, so the text is gibberish; the tests check shielded serving bit for "
+                  "bit against the fixed-point reference and against stock vLLM on a trained model)")
     finally:
         server.stop()
         service.stop()
