@@ -33,7 +33,8 @@ from slip_vllm.evaluation import reference_model as rm
 
 pytestmark = pytest.mark.vllm
 
-KV_BLOCKS, BLOCK_SIZE = 128, 32
+# 16 blocks of 32 tokens: small enough that the concurrency test makes vLLM preempt requests
+KV_BLOCKS, BLOCK_SIZE = 16, 32
 SERVICE_ENV = {"SLIP_SHIELDED_KV_BLOCKS": str(KV_BLOCKS), "SLIP_SHIELDED_BLOCK_SIZE": str(BLOCK_SIZE),
                "SLIP_MASK_AUDIT": "1", "SLIP_MASK_POOL_ROWS": "64"}
 MAX_MODEL_LEN = 128  # the TINY model's max_position_embeddings
@@ -139,9 +140,16 @@ def _offline_greedy(executor: ShieldedExecutor, prompt: list[int], new_tokens: i
     return out
 
 
+def _preemptions(server) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_preemptions_total"))
+
+
 def test_sixteen_concurrent_clients_streaming_and_not_get_the_reference_tokens(stack):
-    """20 concurrent completions (half streaming) in one continuous batch: every answer is complete
-    and equals the fixed-point reference's greedy decode of that prompt alone."""
+    """20 concurrent completions (half streaming) in continuous batches, with more KV demand than
+    the 16 blocks hold so vLLM preempts and recomputes requests: every answer is complete and
+    equals the fixed-point reference's greedy decode of that prompt alone."""
     prompts = [p[: 8 + (i % 5) * 7] for i, p in enumerate(_validation_prompts(20, 40))]
     new_tokens = 12
     client = stack.client(stack.slip)
@@ -160,10 +168,14 @@ def test_sixteen_concurrent_clients_streaming_and_not_get_the_reference_tokens(s
         c = client.completions.create(**kw).choices[0]
         return list(c.logprobs.tokens), c.finish_reason
 
-    before = stack.stats()
+    before, preempted = stack.stats(), _preemptions(stack.slip)
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         answers = list(pool.map(ask, range(len(prompts))))
     after = stack.stats()
+    preempted = _preemptions(stack.slip) - preempted
+    print(f"concurrency: {len(prompts)} requests, {after['steps_completed'] - before['steps_completed']} steps, "
+          f"{preempted:.0f} preemptions")
+    assert preempted > 0
     assert after["steps_completed"] - before["steps_completed"] < len(prompts) * (new_tokens + 1)  # batched
 
     torch.set_num_threads(1)
@@ -195,16 +207,22 @@ def test_served_logits_equal_the_fixed_point_replay_of_the_recorded_traffic(stac
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         texts = list(pool.map(work, range(6)))
     assert all(isinstance(t, str) and t for t in texts)
+    # the same 70-token prompt twice: the second prefill reuses two cached 32-token blocks
+    repeated = _validation_prompts(7, 70)[6]
+    again = [client.completions.create(model="m", prompt=repeated, max_tokens=3, temperature=0).choices[0].text
+             for _ in range(2)]
+    assert again[0] == again[1]
     after = stack.stats()
 
     rep = _replay(stack)
+    assert rep.prefix_hits >= 1  # a prefill step that read KV blocks computed by an earlier request
     assert rep.steps == after["steps_completed"] > 0
     assert rep.compared == after["logits_requests"] >= rep.steps
     print(f"replayed {rep.steps} steps and {rep.compared} logits requests bit for bit")
 
 
 class _Replay:
-    steps = compared = 0
+    steps = compared = prefix_hits = 0
     asks: list  # (layer key, x~ as received by the host, plaintext x_q of the same call in the replay)
     answers: list  # y~ as sent by the host
 
@@ -238,6 +256,11 @@ def _replay(stack) -> "_Replay":
             hidden = replay.forward_layers(frame.input_ids, frame.positions, frame.slot_mapping,
                                            frame.query_start_loc, frame.seq_lens, frame.block_tables)
             out.steps += 1
+            q_lens = frame.query_start_loc[1:] - frame.query_start_loc[:-1]
+            first_positions = frame.positions[frame.query_start_loc[:-1]]
+            # a sequence whose first scheduled token is a whole number of blocks in, in a step
+            # that schedules several of its tokens: a prefill that starts after cached blocks
+            out.prefix_hits += int(((q_lens > 1) & (first_positions > 0) & (first_positions % BLOCK_SIZE == 0)).sum())
         elif e.path == "/v1/shielded/logits":
             rows = wire.decode_shielded_message(e.request, expect_kind=wire.MSG_ROWS).payload.reshape(-1)
             pending = replay.head(hidden[rows])
@@ -353,3 +376,24 @@ def test_service_outage_gives_request_errors_and_recovery(stack):
     ref = ShieldedExecutor.from_bundle(stack.protected / "secret", num_blocks=4, block_size=BLOCK_SIZE,
                                        mode="fixed_point")
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in _offline_greedy(ref, prompt, 6)]
+
+
+def test_start_refuses_a_kv_geometry_the_service_does_not_mirror(stack, log_dir):
+    """The service mirrors vLLM's paged KV cache: a different block size on the command line is
+    refused before the engine starts, and a service with fewer blocks than vLLM would use stops
+    vLLM's loader (either would silently corrupt attention otherwise)."""
+    wrong_block = vllm_server(stack.protected / "public", log_dir, "shielded-wrong-block", slip=True,
+                              service_url=stack.service.url, extra_args=["--max-model-len", "128", "--block-size", "64"],
+                              **SERVICE_ENV).start()
+    small = secure_service(stack.protected / "secret", log_dir, name="shielded-small-service",
+                           **{**SERVICE_ENV, "SLIP_SHIELDED_KV_BLOCKS": "8"}).start().wait_ready(120)
+    too_many = vllm_server(stack.protected / "public", log_dir, "shielded-too-many-blocks", slip=True,
+                           service_url=small.url, extra_args=["--max-model-len", "128"], **SERVICE_ENV).start()
+    try:
+        assert wrong_block.wait_exit(300) != 0
+        assert too_many.wait_exit(300) != 0
+    finally:
+        for server in (wrong_block, too_many, small):
+            server.stop()
+    assert "differs from SLIP_SHIELDED_BLOCK_SIZE=32" in wrong_block.tail(400)
+    assert "set the same SLIP_SHIELDED_KV_BLOCKS" in too_many.tail(400)
