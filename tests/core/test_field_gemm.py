@@ -346,3 +346,44 @@ def test_cuda_big_shapes(m, n, T):
     full = field_matmul(torch.full((T, n), p - 1, dtype=torch.int64, device="cuda"),
                         FieldWeight(torch.full((m, n), -128, dtype=torch.int8, device="cuda"), p), p)
     assert bool((full == (p - 1) * -128 * n % p).all())
+
+
+def _masked_gemm_shapes(config) -> list[tuple[int, int]]:
+    """(m, n) of every masked GEMM of a Llama-family config: qkv, o, gate_up, down, LM head."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or hidden // heads
+    inter = config.intermediate_size
+    return [(heads * d + 2 * kv * d, hidden), (hidden, heads * d), (2 * inter, hidden), (hidden, inter),
+            (config.vocab_size, hidden)]
+
+
+def test_every_masked_gemm_shape_of_the_tests_models_is_exact(tmp_path):
+    """The shapes the shielded tests serve (tiny random Llama/Qwen2, the TINY reference LM), with
+    the prime the protocol would pick for them and with the 40-bit limit: random inputs and the
+    extreme values, every CPU backend and the default one, against Python big ints."""
+    from transformers import AutoConfig
+
+    from slip_vllm.core.quantize import act_qmax
+    from slip_vllm.evaluation.reference_model import TINY
+    from slip_vllm.vendor.tiny_models import make_tiny_model
+
+    configs = [AutoConfig.from_pretrained(make_tiny_model(f, tmp_path / f, hidden=128, layers=1, tie=(f == "qwen2")))
+               for f in ("llama", "qwen2")]
+    ref = TINY
+    configs.append(type("Tiny", (), dict(hidden_size=ref.hidden_size, num_attention_heads=ref.num_heads,
+                                         num_key_value_heads=ref.num_kv_heads, intermediate_size=ref.intermediate_size,
+                                         vocab_size=ref.vocab_size)))
+    shapes = sorted({s for c in configs for s in _masked_gemm_shapes(c)})
+    assert len(shapes) >= 8
+    gen = torch.Generator().manual_seed(29)
+    for m, n in shapes:
+        for p in (choose_prime(min_modulus(n, 127, act_qmax())), P40):
+            for T in (1, 5):
+                x = _rand((T, n), 0, p, gen, torch.int64)
+                w = _rand((m, n), -128, 128, gen, torch.int8)
+                for xx, ww in [(x, w)] + _extreme_cases(T, n, m, p, gen)[-3:]:
+                    want = field_matmul_reference(xx, ww, p)
+                    assert torch.equal(field_matmul(xx, ww, p), want), (m, n, p, T)
+                    for backend in CPU_BACKENDS:
+                        assert torch.equal(field_matmul(xx, ww, p, backend=backend), want), (m, n, p, T, backend)
