@@ -221,6 +221,17 @@ def _log_axes(ax, x: bool = True, y: bool = True) -> None:
         ax.set_yscale("log")
 
 
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str, *legend_args, **legend_kw) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(*legend_args, **legend_kw)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_attack_curves(path: Path, recovery, prior, title: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -237,14 +248,7 @@ def plot_attack_curves(path: Path, recovery, prior, title: str) -> None:
         if ref.residual_ppl and math.isfinite(ref.residual_ppl):
             ax.axhline(ref.residual_ppl, color="r", lw=1, ls=":", label=f"public residual ({ref.residual_ppl:.0f})")
     _log_axes(ax)
-    ax.set_xlabel("attacker's training tokens")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "attacker's training tokens", "validation perplexity", title, fontsize=7, loc="best")
 
 
 def plot_rank_sweep(path: Path, qres: q.QualityResults) -> None:
@@ -262,14 +266,8 @@ def plot_rank_sweep(path: Path, qres: q.QualityResults) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([q.frac_label(x) for x in xs])
     ax.set_yscale("log")
-    ax.set_xlabel("secret rank (fraction of min(m, n))")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Public residual vs rank")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "secret rank (fraction of min(m, n))", "validation perplexity",
+            "Public residual vs rank", fontsize=8)
 
 
 def plot_ls_extraction(path: Path, ls: au.SplitExtractionAudit) -> None:
@@ -281,14 +279,8 @@ def plot_ls_extraction(path: Path, ls: au.SplitExtractionAudit) -> None:
     ax.plot(t, [p.max_functional_error for p in ls.points], "-^", label="max: error on held-out traffic")
     ax.axhline(au.LS_TARGET_ERROR, color="r", ls="--", lw=1, label=f"{au.LS_TARGET_ERROR:g}")
     _log_axes(ax)
-    ax.set_xlabel("observed tokens")
-    ax.set_ylabel("relative error of W_C estimate")
-    ax.set_title("split: least-squares extraction from traffic")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "observed tokens", "relative error of W_C estimate",
+            "split: least-squares extraction from traffic", fontsize=8)
 
 
 # --------------------------------------------------------------------------------------------------

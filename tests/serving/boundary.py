@@ -76,11 +76,7 @@ class RecordingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
 
     def _forward_requests(self, src: socket.socket, dst: socket.socket, log: list) -> None:
         """Host -> service: forward each request once complete, through ``tamper`` if set."""
@@ -109,11 +105,7 @@ class RecordingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
 
     def stop(self) -> None:
         self._stopped = True
@@ -137,6 +129,14 @@ class RecordingProxy:
                 method, path, _ = start_line.split(" ", 2)
                 out.append(Exchange(tick, method, path, body, int(status_line.split(" ", 2)[1]), reply))
         return sorted(out, key=lambda e: e.order)
+
+
+def _shut(*sockets: socket.socket) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _take_message(data: bytes):
