@@ -484,7 +484,8 @@ def _verdict_rows(run: Run) -> list[list[str]]:
     qres = R.get("quality")
     if qres is not None and qres.recommendation is not None:
         rec = qres.recommendation
-        rows.append(["default rank", f"{rec.status}: " + (q.frac_label(rec.fraction) if rec.fraction else "none")])
+        rows.append(["default rank", f"{rec.status}: {q.frac_label(rec.fraction)}" if rec.fraction
+                     else "none: no swept rank passes every gate of the rank rule (section 2)"])
     return rows
 
 
