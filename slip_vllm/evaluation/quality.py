@@ -484,7 +484,7 @@ def run_quality(ref_dir: Path, evalset: EvalSet, work_dir: Path, *, fractions: S
         row, _ = _timed_row(f"shielded, rank {_frac(default_fraction)}", "shielded", "vLLM", default_fraction, P,
                             shielded, original)
         if row.error:
-            row.error = ("protocol shielded is not served through vLLM yet (or failed): " + row.error)
+            row.error = "serving protocol shielded through vLLM failed: " + row.error
         rows.append(row)
     rows.extend(extra_rows)
     return QualityResults(preset=cfg.name, evalset_tokens=evalset.tokens, positions=P,

@@ -1,10 +1,9 @@
 """The evaluation report end to end, smoke preset: `python -m slip_vllm.evaluation.report --smoke`.
 
-Starts real `vllm serve` processes (stock, split at two ranks, and an attempt at shielded) and the
-secure service, trains or reuses the tiny reference model, runs every audit and the recovery attacks
-of the tiny preset, and writes the markdown, the plots and results.json. Checks that every section,
-table and plot is there and that the numbers are sane; the only gap allowed is the vLLM-served
-shielded row while vLLM cannot serve shielded, and then the report must say so, not show a number.
+Starts real `vllm serve` processes (split and shielded at the default rank) and the secure
+services, trains or reuses the tiny reference model, runs every audit and the recovery attacks of the
+tiny preset, and writes the markdown, the plots and results.json. Checks that every section, table
+and plot is there, that no section is missing, and that the numbers are sane.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-SHIELDED_VLLM_MISSING = "protocol shielded is not served through vLLM yet"
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +32,11 @@ def smoke(tmp_path_factory):
     return proc, out, out.read_text(), results
 
 
-def test_report_runs_and_only_the_served_shielded_row_may_be_missing(smoke):
+def test_report_runs_complete(smoke):
     proc, _, md, results = smoke
-    gaps = results["gaps"]
-    assert all(SHIELDED_VLLM_MISSING in g for g in gaps), (gaps, proc.stderr[-4000:])
-    assert proc.returncode == (3 if gaps else 0), proc.stderr[-4000:]
-    if gaps:  # loud: a banner in the report, the row marked FAILED, the message on stderr
-        assert "## INCOMPLETE" in md and "**FAILED**" in md and SHIELDED_VLLM_MISSING in proc.stderr
+    assert results["gaps"] == [], (results["gaps"], proc.stderr[-4000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## INCOMPLETE" not in md and "**FAILED**" not in md
     assert "python -m slip_vllm.evaluation.report --smoke" in md
     assert f"{os.cpu_count()} cores" in md
 
@@ -78,11 +74,8 @@ def test_report_numbers_are_sane(smoke):
     for pt in quality["sweep"]:
         assert pt["residual"]["perplexity"] > 2 * original  # the public half alone is much worse
     shielded_vllm = [r for r in quality["rows"] if r["protocol"] == "shielded" and r["served_by"] == "vLLM"]
-    assert len(shielded_vllm) == 1
-    if shielded_vllm[0]["error"] is None:
-        assert shielded_vllm[0]["agreement"] > 0.9
-    else:
-        assert SHIELDED_VLLM_MISSING in shielded_vllm[0]["error"] and shielded_vllm[0]["perplexity"] is None
+    assert len(shielded_vllm) == 1 and shielded_vllm[0]["error"] is None
+    assert shielded_vllm[0]["agreement"] > 0.98 and abs(shielded_vllm[0]["perplexity"] / original - 1) < 0.01
     executor = [r for r in quality["rows"] if r["served_by"] == "secure-service executor"]
     assert len(executor) == 1 and executor[0]["agreement"] > 0.9
     assert quality["recommendation"]["rule"] and quality["recommendation"]["status"] in (
