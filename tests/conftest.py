@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -33,3 +34,13 @@ def model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The machine is shared (and LAPACK's choice of singular bases depends on the thread count):
+    tests that use this run on one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

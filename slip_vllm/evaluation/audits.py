@@ -293,6 +293,15 @@ def split_extraction_audit(ref_dir: Path, artifact: Path, traffic_ids: torch.Ten
         from safetensors.torch import load_file
 
         public_state = load_file(str(artifact / "public" / "model.safetensors"))
+
+        def attacker_perplexity(recovered: dict) -> float:
+            """The attacker's model: the public residual plus every recovered secret term."""
+            state = dict(public_state)
+            for tid, w_hat in recovered.items():
+                e = traffic.entries[tid]
+                state[e.name] = (public_state[e.name].double() + (w_hat.T if e.orientation == "in_out" else w_hat)).float()
+            return q.score_model(q.load_with_state(ref_dir, state), evalset, num_threads=num_threads).perplexity
+
         linear_ids = [tid for tid in traffic.entries if tid not in traffic.embedding_ids]
         secrets = {tid: traffic.secret(tid) for tid in traffic.entries}
         observed = {tid: traffic.observed(tid) for tid in traffic.entries}
@@ -324,11 +333,7 @@ def split_extraction_audit(ref_dir: Path, artifact: Path, traffic_ids: torch.Ten
                 w_hat[seen] = rows[:T].double()[_first_index(ids[:T].long(), seen)]
                 recovered[tid] = w_hat
                 emb_share = float(seen.numel()) / secrets[tid].shape[0]
-            state = dict(public_state)
-            for tid, w_hat in recovered.items():
-                e = traffic.entries[tid]
-                state[e.name] = (public_state[e.name].double() + (w_hat.T if e.orientation == "in_out" else w_hat)).float()
-            attacker_ppl = q.score_model(q.load_with_state(ref_dir, state), evalset, num_threads=num_threads).perplexity
+            attacker_ppl = attacker_perplexity(recovered)
             vals = list(errors.values())
             points.append(ExtractionPoint(T, max(vals), float(np.median(vals)), max(functional), emb_share, attacker_ppl))
             if tokens_needed is None and max(vals) < LS_TARGET_ERROR:
@@ -351,11 +356,7 @@ def split_extraction_audit(ref_dir: Path, artifact: Path, traffic_ids: torch.Ten
                 w_hat[seen] = rows.double()
                 recovered[tid] = w_hat
                 emb_share = float(seen.numel()) / secrets[tid].shape[0]
-            state = dict(public_state)
-            for tid, w_hat in recovered.items():
-                e = traffic.entries[tid]
-                state[e.name] = (public_state[e.name].double() + (w_hat.T if e.orientation == "in_out" else w_hat)).float()
-            long_ppl = q.score_model(q.load_with_state(ref_dir, state), evalset, num_threads=num_threads).perplexity
+            long_ppl = attacker_perplexity(recovered)
             long_point = ExtractionPoint(long_tokens, points[-1].max_rel_error, points[-1].median_rel_error,
                                          points[-1].max_functional_error, emb_share, long_ppl)
     if tokens_needed is not None:
