@@ -555,18 +555,14 @@ class ShieldedExecutor:
         sequence, ``query_start_loc[1:] - 1``).  Raises ``IntegrityError`` if the host cheated; the
         step is then refused as a whole and the cache left as it was.
         """
-        self._check_batch(input_ids.long(), positions.long(), slot_mapping.long(), query_start_loc.long(),
-                          seq_lens.long(), block_tables.long())
-        if logits_indices is None:
-            logits_indices = query_start_loc.long()[1:] - 1
-        logits_indices = logits_indices.long()
-        saved = self.cache.save(slot_mapping.long())  # a refused LM head refuses the whole step too
-        hidden = self.forward_layers(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
-                                     host_gemm=host_gemm)
+        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm)
+        logits_indices = batch[3][1:] - 1 if logits_indices is None else logits_indices.long()
+        saved = self.cache.save(batch[2])  # one roll-back for the layers and the LM head
         try:
+            hidden = self.final_norm(self._layers(*batch, host_gemm))
             return self.head(hidden[logits_indices], host_gemm)
         except BaseException:
-            self.cache.restore(slot_mapping.long(), saved)
+            self.cache.restore(batch[2], saved)
             raise
 
     def forward_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -576,19 +572,23 @@ class ShieldedExecutor:
         [N, d] (secret; they stay in the service).  ``head`` turns chosen rows into logits; vLLM
         asks for its rows only after the forward (sampling rows, prompt-logprob rows), which is
         why the two are separate calls.  On any failure the KV writes are rolled back."""
-        if host_gemm is None and self.mode == "shielded":
-            raise ValueError("the shielded executor needs a host_gemm callback")
-        input_ids, positions, slot_mapping = input_ids.long(), positions.long(), slot_mapping.long()
-        query_start_loc, seq_lens, block_tables = query_start_loc.long(), seq_lens.long(), block_tables.long()
-        self._check_batch(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
-        self.host_calls = []
-        saved = self.cache.save(slot_mapping)
+        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm)
+        saved = self.cache.save(batch[2])
         try:
-            h = self._layers(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm)
+            h = self._layers(*batch, host_gemm)
         except BaseException:
-            self.cache.restore(slot_mapping, saved)
+            self.cache.restore(batch[2], saved)
             raise
         return self.final_norm(h)
+
+    def _prepare(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm):
+        """Cast the batch metadata to int64 and check it (once per step); resets ``host_calls``."""
+        if host_gemm is None and self.mode == "shielded":
+            raise ValueError("the shielded executor needs a host_gemm callback")
+        batch = tuple(t.long() for t in (input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables))
+        self._check_batch(*batch)
+        self.host_calls = []
+        return batch
 
     def head(self, hidden_rows: torch.Tensor, host_gemm: Optional[HostGemm] = None) -> torch.Tensor:
         """The masked LM head on final-normed hidden rows [R, d]: float logits [R, vocab]."""
