@@ -36,6 +36,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# data-plane endpoints: the HTTP path of each, and its number on the shared-memory channel
+EP_SPLIT_APPLY = 1
+EP_SHIELDED_STEP = 2
+EP_SHIELDED_GEMM = 3
+EP_SHIELDED_LOGITS = 4
+ENDPOINT_PATHS = {
+    EP_SPLIT_APPLY: "/v1/split/apply",
+    EP_SHIELDED_STEP: "/v1/shielded/step",
+    EP_SHIELDED_GEMM: "/v1/shielded/gemm",
+    EP_SHIELDED_LOGITS: "/v1/shielded/logits",
+}
+
 REQUEST_MAGIC = b"SLQ1"
 REPLY_MAGIC = b"SLR1"
 KIND_LINEAR = 1
@@ -91,7 +103,14 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(_CARRIER[t.dtype]).numpy().tobytes()
 
 
-def _tensor_from(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _tensor_from(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...], copy: bool = True) -> torch.Tensor:
+    """A tensor over ``buf``: a private copy, or (copy=False, writable buffers such as a channel
+    area) a view that is valid only while the buffer holds this frame."""
+    if not copy and not buf.readonly:
+        count = 1
+        for s in shape:
+            count *= s
+        return torch.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
     carrier = _CARRIER[dtype]
     arr = np.frombuffer(buf, dtype=torch.empty(0, dtype=carrier).numpy().dtype)
     # frombuffer over a bytes object is read-only; torch wants writable memory.
@@ -99,8 +118,18 @@ def _tensor_from(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) ->
     return t.reshape(shape)
 
 
-def encode_request(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: torch.Tensor,
-                   session: int, seq: int) -> bytes:
+def tensor_bytes_view(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a CPU tensor as a flat uint8 tensor (no copy when ``t`` is contiguous)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def request_header(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: torch.Tensor,
+                   session: int, seq: int) -> tuple[bytes, torch.Tensor]:
+    """(header + tensor ids, payload as it travels) of a request frame; the frame is the two
+    concatenated (``encode_request``); a transport may write them separately, without joining."""
     ids = tuple(int(i) for i in tensor_ids)
     if not 1 <= len(ids) <= MAX_IDS:
         raise WireError(f"a request names 1..{MAX_IDS} tensors, got {len(ids)}")
@@ -115,10 +144,17 @@ def encode_request(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: 
         raise WireError(f"unknown request kind {kind}")
     head = _REQ_HEAD.pack(REQUEST_MAGIC, kind, dtype_code(payload.dtype), len(ids), rows, cols,
                           session & (2**64 - 1), seq)
-    return head + struct.pack(f"<{len(ids)}I", *ids) + _tensor_bytes(payload)
+    return head + struct.pack(f"<{len(ids)}I", *ids), payload
 
 
-def decode_request(body: bytes | memoryview) -> Request:
+def encode_request(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: torch.Tensor,
+                   session: int, seq: int) -> bytes:
+    head, payload = request_header(kind, tensor_ids, payload, session, seq)
+    return head + _tensor_bytes(payload)
+
+
+def decode_request(body: bytes | memoryview, *, copy: bool = True) -> Request:
+    """copy=False (a writable buffer): the payload is a view into ``body``."""
     view = memoryview(body)
     if len(view) < _REQ_HEAD.size:
         raise WireError(f"frame shorter than its {_REQ_HEAD.size}-byte header")
@@ -149,8 +185,11 @@ def decode_request(body: bytes | memoryview) -> Request:
         raise WireError(f"payload length {len(view) - ids_end} bytes does not match "
                         f"rows={rows} x cols={cols} x {itemsize}")
     shape = (rows,) if kind == KIND_EMBED else (rows, cols)
-    payload = _tensor_from(view[ids_end:], dtype, shape)
+    payload = _tensor_from(view[ids_end:], dtype, shape, copy=copy)
     return Request(kind=kind, tensor_ids=tuple(ids), session=session, seq=seq, payload=payload)
+
+
+REPLY_HEADER_BYTES = _REPLY_HEAD.size
 
 
 def encode_reply(result: torch.Tensor) -> bytes:
@@ -160,8 +199,24 @@ def encode_reply(result: torch.Tensor) -> bytes:
     return _REPLY_HEAD.pack(REPLY_MAGIC, dtype_code(result.dtype), rows, cols) + _tensor_bytes(result)
 
 
+def reply_into(buf: memoryview, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    """Write a reply header into ``buf`` and return the [rows, cols] tensor over the rest of the
+    frame, for the caller to compute the result into (no intermediate copy)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    size = _REPLY_HEAD.size + rows * cols * itemsize
+    if len(buf) < size:
+        raise WireError(f"reply of {size} bytes does not fit a {len(buf)}-byte buffer")
+    _REPLY_HEAD.pack_into(buf, 0, REPLY_MAGIC, dtype_code(dtype), rows, cols)
+    return torch.frombuffer(buf, dtype=dtype, count=rows * cols, offset=_REPLY_HEAD.size).view(rows, cols)
+
+
+def reply_size(dtype: torch.dtype, rows: int, cols: int) -> int:
+    return _REPLY_HEAD.size + rows * cols * torch.empty(0, dtype=dtype).element_size()
+
+
 def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
-                 expect_cols: int | None = None) -> torch.Tensor:
+                 expect_cols: int | None = None, *, copy: bool = True) -> torch.Tensor:
+    """copy=False (a writable buffer): the result is a view into ``body``."""
     view = memoryview(body)
     if len(view) < _REPLY_HEAD.size:
         raise WireError("reply shorter than its header")
@@ -178,7 +233,7 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
         raise WireError(f"reply has {rows} rows, expected {expect_rows}")
     if expect_cols is not None and cols != expect_cols:
         raise WireError(f"reply has {cols} columns, expected {expect_cols}")
-    return _tensor_from(view[_REPLY_HEAD.size:], dtype, (rows, cols))
+    return _tensor_from(view[_REPLY_HEAD.size:], dtype, (rows, cols), copy=copy)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import time
 import httpx
 from vllm.model_executor.model_loader import DefaultModelLoader
 
+from slip_vllm.core.channel import parse_service_url
 from slip_vllm.core.manifest import ManifestError, read_public_manifest
 from slip_vllm.host import client as client_mod
 from slip_vllm.host import ops
@@ -43,11 +44,16 @@ class SlipLoadError(RuntimeError):
 
 def check_service(url: str, manifest_sha256: str, wait_s: float, protocol: str = "split") -> dict:
     """Wait for the service and check it holds the bundle paired with this artifact."""
+    try:
+        address = parse_service_url(url)
+    except ValueError as exc:
+        raise SlipLoadError(f"{exc}. Set SLIP_SERVICE_URL (or the loader's service_url) to http://HOST:PORT, "
+                            f"or shm://HOST:PORT for a service on this machine") from None
     deadline = time.monotonic() + wait_s
     last = None
     while True:
         try:
-            with httpx.Client(base_url=url, timeout=5.0) as http:
+            with httpx.Client(base_url=address.control_url, timeout=5.0) as http:
                 info = http.get("/v1/info").json()
             break
         except (httpx.HTTPError, ValueError) as exc:
@@ -67,6 +73,9 @@ def check_service(url: str, manifest_sha256: str, wait_s: float, protocol: str =
         )
     if info.get("protocol") != protocol:
         raise SlipLoadError(f"the service runs protocol {info.get('protocol')!r}; this artifact needs {protocol!r}")
+    if address.colocated and "shm" not in info.get("data_planes", []):
+        raise SlipLoadError(f"the secure service at {address.control_url} offers no shared-memory channel "
+                            f"(started with SLIP_CHANNEL=0?); use SLIP_SERVICE_URL={address.control_url}")
     return info
 
 
@@ -90,7 +99,8 @@ def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
         raise SlipLoadError(str(exc)) from None
     if public.p != int(info.get("p", -1)):
         raise SlipLoadError(f"the service's prime {info.get('p')} is not the artifact's {public.p}")
-    host = ShieldedHost(public, url, token=cfg.service_token, timeout=cfg.service_timeout_s)
+    host = ShieldedHost(public, url, token=cfg.service_token, timeout=cfg.service_timeout_s,
+                        spin_s=cfg.channel_spin_us * 1e-6)
     model.bind(host, retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s)
 
 
@@ -243,8 +253,8 @@ class SlipModelLoader(DefaultModelLoader):
             return
         check_service(self.service_url, digest, cfg.startup_wait_s)
         client_mod.configure(client_mod.ClientConfig(
-            url=self.service_url, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
-            retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s))
+            url=self.service_url, manifest_sha256=digest, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
+            retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s, spin_s=cfg.channel_spin_us * 1e-6))
         self._adopt_unconfigured_layers(model)
         self._wrap_loaders(model, manifest)
         super().load_weights(model, model_config)

@@ -5,10 +5,11 @@ protected layer calls ``torch.ops.slip.protected_linear`` / ``protected_embeddin
 and Inductor (they see only the fake implementation, which gives the output shape). Inside the op,
 in plain eager Python:
 
-  1. send the whole batch of rows (or token ids) to the service from a background thread;
+  1. post the whole batch of rows (or token ids) to the service (``host.client``: written into the
+     shared-memory channel, or sent over HTTP from a background thread); the call is in flight;
   2. compute the public part with vLLM's own quantization method (packed CPU GEMM, etc.);
-  3. wait for the secret term and add it (only the first ``secret_width`` columns: the LM head's
-     output is padded to a multiple of 64 by vLLM).
+  3. wait for the secret term and add it in place to the public output (only the first
+     ``secret_width`` columns: the LM head's output is padded to a multiple of 64 by vLLM).
 
 One call per protected layer per engine step, for every token of the mixed prefill/decode batch.
 vLLM's warm-up forward (no attention metadata) skips the service: its output is discarded.
@@ -54,10 +55,17 @@ def new_plan(plan: LayerPlan) -> int:
     return len(PLANS) - 1
 
 
-def _is_warmup() -> bool:
-    from vllm.forward_context import get_forward_context, is_forward_context_available
+_forward_context = None
 
-    return is_forward_context_available() and get_forward_context().attn_metadata is None
+
+def _is_warmup() -> bool:
+    global _forward_context
+    if _forward_context is None:
+        from vllm import forward_context as _fc
+
+        _forward_context = _fc
+    fc = _forward_context
+    return fc.is_forward_context_available() and fc.get_forward_context().attn_metadata is None
 
 
 def _check_ready(plan: LayerPlan) -> None:
@@ -66,19 +74,32 @@ def _check_ready(plan: LayerPlan) -> None:
                            f"artifact with `--load-format slip`")
 
 
-def _add_secret(plan: LayerPlan, public_out: torch.Tensor, future) -> torch.Tensor:
+def _submit(plan: LayerPlan, kind: int, payload: torch.Tensor, rows: int):
     try:
-        secret = future.result()
+        return get_client().submit(kind, plan.tensor_ids, payload, rows, plan.secret_width)
+    except ServiceUnavailable as exc:
+        return exc
+
+
+def _add_secret(plan: LayerPlan, public_out: torch.Tensor, pending) -> torch.Tensor:
+    """Add the secret term in place to the public output (a fresh tensor of this op)."""
+    try:
+        if isinstance(pending, ServiceUnavailable):
+            raise pending
+        secret = pending.result()  # on shared memory: a view of the reply area, used at once
     except ServiceUnavailable as exc:
         log.error("SLIP layer %s: %s", plan.prefix, exc)
         report_failure(plan.engine_key)
         return public_out
-    secret = secret.to(device=public_out.device, dtype=public_out.dtype)
-    if plan.secret_width == public_out.shape[-1]:
-        return public_out + secret.view(public_out.shape)
-    out = public_out.clone()
-    out[..., : plan.secret_width] += secret.view(*public_out.shape[:-1], plan.secret_width)
-    return out
+    if secret.device != public_out.device:
+        secret = secret.to(public_out.device, non_blocking=False)
+    if not public_out.is_contiguous():
+        public_out = public_out.contiguous()
+    out = public_out.view(-1, public_out.shape[-1])
+    if plan.secret_width != out.shape[1]:
+        out = out[:, : plan.secret_width]
+    out.add_(secret)
+    return public_out
 
 
 def protected_linear(x: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
@@ -87,8 +108,8 @@ def protected_linear(x: torch.Tensor, bias: torch.Tensor | None, handle: int) ->
     if not plan.tensor_ids or x.numel() == 0 or _is_warmup():
         return plan.public(x, bias)
     rows = x.reshape(-1, x.shape[-1])
-    future = get_client().submit(KIND_LINEAR, plan.tensor_ids, rows, rows.shape[0], plan.secret_width)
-    return _add_secret(plan, plan.public(x, bias), future)
+    pending = _submit(plan, KIND_LINEAR, rows, rows.shape[0])
+    return _add_secret(plan, plan.public(x, bias), pending)
 
 
 def protected_linear_fake(x: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
@@ -101,8 +122,8 @@ def protected_embedding(ids: torch.Tensor, handle: int) -> torch.Tensor:
     if not plan.tensor_ids or ids.numel() == 0 or _is_warmup():
         return plan.public(ids)
     flat = ids.reshape(-1)
-    future = get_client().submit(KIND_EMBED, plan.tensor_ids, flat, flat.shape[0], plan.secret_width)
-    return _add_secret(plan, plan.public(ids), future)
+    pending = _submit(plan, KIND_EMBED, flat, flat.shape[0])
+    return _add_secret(plan, plan.public(ids), pending)
 
 
 def protected_embedding_fake(ids: torch.Tensor, handle: int) -> torch.Tensor:

@@ -2,56 +2,51 @@
 
 What this module owns
 ---------------------
-``ShieldedHost``: everything the host does in protocol ``shielded`` for one engine step, over HTTP
-against the secure service (``secure_service.shielded_api``).  It holds only what the host is
-allowed to hold: the public int8 weights W_q of every masked GEMM, p and the layer keys, read from
-OUT/public (``slip protect --protocol shielded``).  Over the wire it sees only the masked
-activations x~ (uniform in Z_p), its own products y~ and the final float logits.  The vLLM model
-integration will drive the same exchange from inside vLLM's runner.
+``ShieldedHost``: everything the host does in protocol ``shielded`` for one engine step, over its
+transport (``host.transport``: a shared-memory channel for shm://, HTTP for http://) to the
+secure service (``secure_service.shielded_api``).  It holds only what the host is allowed to hold:
+the public int8 weights W_q of every masked GEMM, p and the layer keys, read from OUT/public
+(``slip protect --protocol shielded``).  Over the wire it sees only the masked activations x~
+(uniform in Z_p), its own products y~ and the final float logits.  The vLLM model
+(``host.shielded_model``) drives it from inside vLLM's runner.
 
 Protocol of one step (``step``)
 -------------------------------
 1. send the batch metadata (token ids, positions, slot mapping, query start locations, sequence
-   lengths, block tables, logits rows) as a step frame to POST /v1/shielded/step;
+   lengths, block tables, logits rows) as a step frame (endpoint /v1/shielded/step);
 2. receive (layer key, x~); check the key is one of the artifact's and x~ has the right width with
    values in [0, p);
-3. y~ = W_q[key] x~ mod p (``field.field_matmul``, exact); send (step, call, key, y~) to
-   POST /v1/shielded/gemm;
+3. y~ = W_q[key] x~ mod p (``field.field_matmul``, exact); send (step, call, key, y~) (endpoint
+   /v1/shielded/gemm);
 4. repeat 2-3 until the reply carries the float logits [R, vocab] instead of a request.
 Deferred form (``begin`` + ``logits``, what the vLLM model uses because vLLM's runner chooses its
 logits rows after the forward): the step frame asks for no logits; steps 2-3 repeat until MSG_READY;
-then each ``logits(rows)`` sends MSG_ROWS to POST /v1/shielded/logits and runs steps 2-3 once more
+then each ``logits(rows)`` sends MSG_ROWS (endpoint /v1/shielded/logits) and runs steps 2-3 once more
 for the LM head until MSG_LOGITS.
-A refusal (4xx/5xx) raises ``ShieldedServiceError`` with the service's status and message.
+A refusal (4xx/5xx) raises ``ShieldedServiceError`` with the service's status and message; a
+broken transport ``TransportError``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import httpx
 import torch
 from safetensors.torch import load_file
 
 from slip_vllm.core.field import FieldWeight, field_matmul
 from slip_vllm.core.manifest import ManifestError, read_public_manifest, sha256_bytes
 from slip_vllm.core.wire import (
-    MSG_ANSWER, MSG_ASK, MSG_LOGITS, MSG_READY, MSG_ROWS, decode_shielded_message, encode_shielded_message,
-    encode_shielded_step,
+    EP_SHIELDED_GEMM, EP_SHIELDED_LOGITS, EP_SHIELDED_STEP, MSG_ANSWER, MSG_ASK, MSG_LOGITS, MSG_READY, MSG_ROWS,
+    decode_shielded_message, encode_shielded_message, encode_shielded_step,
 )
+from slip_vllm.host.transport import ServiceRefused, TransportError, open_transport
 
-__all__ = ["ShieldedServiceError", "PublicShieldedWeights", "load_public_weights", "ShieldedHost"]
-
-OCTET = "application/octet-stream"
+__all__ = ["ShieldedServiceError", "TransportError", "PublicShieldedWeights", "load_public_weights", "ShieldedHost"]
 
 
-class ShieldedServiceError(RuntimeError):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"secure service answered {status}: {message}")
-        self.status = status
-        self.message = message
+ShieldedServiceError = ServiceRefused  # a refusal of the service: .status, .message
 
 
 class PublicShieldedWeights:
@@ -95,8 +90,9 @@ class ShieldedHost:
     """
 
     def __init__(self, public, service_url: str, *, token: str = "", timeout: float = 30.0,
-                 record: bool = False):
-        """public: OUT/public, or its already loaded ``PublicShieldedWeights``."""
+                 record: bool = False, spin_s: float = 50e-6):
+        """public: OUT/public, or its already loaded ``PublicShieldedWeights``.  service_url:
+        http://HOST:PORT or shm://HOST:PORT (``host.transport``)."""
         if not isinstance(public, PublicShieldedWeights):
             public = load_public_weights(public)
         self.manifest_sha256 = public.manifest_sha256
@@ -104,11 +100,7 @@ class ShieldedHost:
         self.layer_keys: List[str] = public.layer_keys
         self.weights: Dict[str, FieldWeight] = public.weights
         self.url = service_url.rstrip("/")
-        headers = {"content-type": OCTET}
-        if token:
-            headers["authorization"] = f"Bearer {token}"
-        self.client = httpx.Client(timeout=timeout, headers=headers)
-        self.session = int.from_bytes(os.urandom(8), "little")
+        self.transport = open_transport(self.url, self.manifest_sha256, token=token, timeout_s=timeout, spin_s=spin_s)
         self.seq = 0
         self.record = record
         self.received: List[Tuple[str, torch.Tensor]] = []
@@ -118,7 +110,7 @@ class ShieldedHost:
         self.ready_rows = 0
 
     def close(self) -> None:
-        self.client.close()
+        self.transport.close()
 
     def __enter__(self) -> "ShieldedHost":
         return self
@@ -126,15 +118,9 @@ class ShieldedHost:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _post(self, path: str, body: bytes) -> bytes:
-        r = self.client.post(self.url + path, content=body)
-        if r.status_code != 200:
-            try:
-                message = r.json().get("error", r.text)
-            except ValueError:
-                message = r.text
-            raise ShieldedServiceError(r.status_code, message)
-        return r.content
+    def _post(self, endpoint: int, body: bytes) -> bytes:
+        """One exchange; the reply is copied out (it is decoded into private tensors anyway)."""
+        return bytes(self.transport.call(endpoint, body))
 
     def compute(self, key: str, x_masked: torch.Tensor) -> torch.Tensor:
         """Step 3: y~ = W_q[key] x~ mod p."""
@@ -146,9 +132,9 @@ class ShieldedHost:
         self.seq += 1
         self.calls = []
         self.ready_step = None
-        body = encode_shielded_step(self.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
+        body = encode_shielded_step(self.transport.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
                                     seq_lens, block_tables, logits_indices)
-        return self._drive(self._post("/v1/shielded/step", body), MSG_LOGITS).payload
+        return self._drive(self._post(EP_SHIELDED_STEP, body), MSG_LOGITS).payload
 
     def begin(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables) -> int:
         """A deferred step: run every decoder layer (steps 1-3 until MSG_READY); returns the
@@ -156,9 +142,9 @@ class ShieldedHost:
         self.seq += 1
         self.calls = []
         self.ready_step = None
-        body = encode_shielded_step(self.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
+        body = encode_shielded_step(self.transport.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
                                     seq_lens, block_tables, defer_logits=True)
-        msg = self._drive(self._post("/v1/shielded/step", body), MSG_READY)
+        msg = self._drive(self._post(EP_SHIELDED_STEP, body), MSG_READY)
         self.ready_step, self._next_call = msg.step, msg.call
         self.ready_rows = int(msg.payload[0, 0])
         return self.ready_rows
@@ -169,7 +155,7 @@ class ShieldedHost:
             raise RuntimeError("no ready step: call begin() first")
         rows = torch.as_tensor(rows, dtype=torch.int64).reshape(1, -1)
         body = encode_shielded_message(MSG_ROWS, self.ready_step, self._next_call, "", rows)
-        msg = self._drive(self._post("/v1/shielded/logits", body), MSG_LOGITS)
+        msg = self._drive(self._post(EP_SHIELDED_LOGITS, body), MSG_LOGITS)
         self._next_call = msg.call
         if tuple(msg.payload.shape) != (rows.shape[1], self.weights["lm_head"].m):
             raise ShieldedServiceError(502, f"logits of shape {tuple(msg.payload.shape)} for {rows.shape[1]} rows")
@@ -193,4 +179,4 @@ class ShieldedHost:
                 self.received.append((msg.key, x.clone()))
             self.calls.append(msg.key)
             y = self.compute(msg.key, x)
-            reply = self._post("/v1/shielded/gemm", encode_shielded_message(MSG_ANSWER, msg.step, msg.call, msg.key, y))
+            reply = self._post(EP_SHIELDED_GEMM, encode_shielded_message(MSG_ANSWER, msg.step, msg.call, msg.key, y))

@@ -45,12 +45,12 @@ import logging
 import time
 from typing import Iterable, Optional
 
-import httpx
 import torch
 from torch import nn
 
 from slip_vllm.core.manifest import SHIELDED_ARCHITECTURE
 from slip_vllm.host.failure import report_failure
+from slip_vllm.host.transport import TransportError
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
@@ -119,7 +119,7 @@ class SlipShieldedForCausalLM(nn.Module):
             try:
                 self.host.begin(*args)
                 return
-            except httpx.TransportError as exc:
+            except TransportError as exc:
                 if attempt == self.retries:
                     raise
                 log.warning("SLIP shielded step: %s; retrying in %.2f s", exc, delay)

@@ -67,7 +67,8 @@ def test_health_and_info_reveal_no_secrets(service, artifact):
     assert info["public_manifest_sha256"] == bundle["public_manifest_sha256"]
     assert info["protocol"] == "split"
     assert set(info) == {"protocol", "architecture", "model_type", "public_manifest_sha256", "tensors",
-                         "secret_parameters"}
+                         "secret_parameters", "data_planes"}
+    assert info["data_planes"] == ["http", "shm"]
 
 
 def test_fused_linear_matches_golden_reference(service, artifact, manifest):
