@@ -54,7 +54,24 @@ class Settings:
     )
     max_body_bytes: int = field(
         default=256 * 1024 * 1024,
-        metadata={"env": "SLIP_MAX_BODY_BYTES", "help": "largest data-plane request body the service accepts"},
+        metadata={"env": "SLIP_MAX_BODY_BYTES",
+                  "help": "largest data-plane request body the service accepts; also the bytes per direction of a "
+                          "shared-memory channel (virtual: only the pages a message touches are used)"},
+    )
+    channel: bool = field(
+        default=True,
+        metadata={"env": "SLIP_CHANNEL",
+                  "help": "service: offer the colocated shared-memory data plane (vLLM selects it with SLIP_SERVICE_URL=shm://HOST:PORT)"},
+    )
+    channel_spin_us: float = field(
+        default=50.0,
+        metadata={"env": "SLIP_CHANNEL_SPIN_US",
+                  "help": "shared-memory channel: microseconds a waiting side spins before it sleeps on the doorbell (0: never spin)"},
+    )
+    channel_dir: str = field(
+        default="",
+        metadata={"env": "SLIP_CHANNEL_DIR",
+                  "help": "service: directory (made with mode 0700) for the channel's Unix socket; empty: a fresh private temp dir"},
     )
     service_threads: int = field(
         default=0,
