@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"[demo] 3/5 starting the secure service on {service.url} (log {service.log_path})")
         service.start().wait_ready(60)
-        server.env["SLIP_SERVICE_URL"] = service.url
-        print(f"[demo] 4/5 starting vllm serve {work / 'protected' / 'public'} --load-format slip "
-              f"on {server.url} (log {server.log_path}; ~1 min on 2 cores)")
+        channel = service.url.replace("http://", "shm://")  # colocated: the shared-memory data plane
+        server.env["SLIP_SERVICE_URL"] = channel
+        print(f"[demo] 4/5 starting SLIP_SERVICE_URL={channel} vllm serve {work / 'protected' / 'public'} "
+              f"--load-format slip on {server.url} (log {server.log_path}; ~1 min on 2 cores)")
         started = time.monotonic()
         server.start().wait_ready(900)
         print(f"[demo]     vLLM ready after {time.monotonic() - started:.0f} s")

@@ -119,7 +119,14 @@ def secure_service(bundle: Path, log_dir: Path, port: int | None = None, name: s
 
 
 def vllm_server(model: Path, log_dir: Path, name: str, *, slip: bool, service_url: str = "",
-                extra_args: list[str] | None = None, dtype: str = "float32", **env: str) -> Server:
+                extra_args: list[str] | None = None, dtype: str = "float32", transport: str = "shm",
+                **env: str) -> Server:
+    """transport: "shm" (the colocated shared-memory data plane: an http:// service_url is given to
+    vLLM as shm://) or "http" (the URL as given)."""
+    if transport not in ("shm", "http"):
+        raise ValueError("transport must be 'shm' or 'http'")
+    if service_url and transport == "shm" and service_url.startswith("http://"):
+        service_url = "shm://" + service_url[len("http://"):]
     port = free_port()
     argv = [str(BIN / "vllm"), "serve", str(model), "--port", str(port), "--host", "127.0.0.1",
             "--dtype", dtype, "--max-model-len", "512", "--served-model-name", "m",

@@ -60,7 +60,7 @@ def check_service(url: str, manifest_sha256: str, wait_s: float, protocol: str =
             last = exc
             if time.monotonic() >= deadline:
                 raise SlipLoadError(
-                    f"the SLIP secure service at {url} is not reachable ({last}). Start it first with "
+                    f"the SLIP secure service at {address.control_url} is not reachable ({last}). Start it first with "
                     f"`slip secure-service --bundle OUT_DIR/secret`, or point vLLM at it with "
                     f"SLIP_SERVICE_URL=... or --model-loader-extra-config '{{\"service_url\": \"...\"}}'."
                 ) from None

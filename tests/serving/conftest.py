@@ -20,13 +20,14 @@ class Stack:
             server.stop()
 
 
-def start_stack(model_factory, log_dir, family, *, tie=False, eager=True, extra_args=()):
+def start_stack(model_factory, log_dir, family, *, tie=False, eager=True, extra_args=(), transport="shm"):
+    """transport: the data plane between vLLM and the service ("shm", the default, or "http")."""
     original, protected = model_factory(family, tie=tie)
     service = secure_service(protected / "secret", log_dir, name=f"{family}-service").start().wait_ready(60)
     args = ["--enforce-eager"] if eager else []
     args += list(extra_args)
     slip = vllm_server(protected / "public", log_dir, f"{family}-slip", slip=True, service_url=service.url,
-                       extra_args=args).start()
+                       extra_args=args, transport=transport).start()
     stock = vllm_server(original, log_dir, f"{family}-stock", slip=False, extra_args=args).start()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for f in [pool.submit(s.wait_ready, 600) for s in (slip, stock)]:

@@ -84,7 +84,7 @@ def test_offline_llm_api_matches_transformers(model_factory, log_dir, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
     try:
-        env = base_env(SLIP_SERVICE_URL=service.url)
+        env = base_env(SLIP_SERVICE_URL=service.url.replace("http://", "shm://"))
         proc = subprocess.run([sys.executable, str(script), str(protected / "public"), "slip"], env=env,
                               cwd=REPO, capture_output=True, text=True, timeout=600)
     finally:

@@ -6,8 +6,12 @@ because agreement and perplexity targets only mean something on a trained model 
 model's logits are nearly flat, so int8 rounding flips near-ties).  Protected with
 `slip protect --protocol shielded` (rank 1/8, fixed seed).
 
-Stack (one per module): secure service (shielded bundle, mask audit on) <- recording TCP proxy <-
-vLLM serving OUT/public; and a stock vLLM on the original checkpoint.
+Stacks (one each per module):
+* ``stack``: secure service (shielded bundle, mask audit on) <- recording TCP proxy <- vLLM serving
+  OUT/public over the HTTP data plane (the proxy must see the bytes: replay, boundary inspection, a
+  cheating host); and a stock vLLM on the original checkpoint;
+* ``shm_stack``: a second secure service on the same bundle <- vLLM over the colocated
+  shared-memory channel (the default data plane): concurrency under preemption, outage and recovery.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def stack(tmp_path_factory, log_dir):
     proxy = RecordingProxy("127.0.0.1", service.port)
     args = ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
     slip = vllm_server(out / "public", log_dir, "shielded-slip", slip=True, service_url=proxy.url,
-                       extra_args=args, **SERVICE_ENV).start()
+                       extra_args=args, transport="http", **SERVICE_ENV).start()
     stock = vllm_server(original, log_dir, "shielded-stock", slip=False, extra_args=args).start()
     st = Stack(original, out, service, proxy, slip, stock)
     try:
@@ -79,6 +83,22 @@ def stack(tmp_path_factory, log_dir):
         for server in (slip, stock, service):
             server.stop()
         proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def shm_stack(stack, log_dir):
+    service = secure_service(stack.protected / "secret", log_dir, name="shielded-shm-service",
+                             **SERVICE_ENV).start().wait_ready(120)
+    slip = vllm_server(stack.protected / "public", log_dir, "shielded-shm-slip", slip=True, service_url=service.url,
+                       extra_args=["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"], **SERVICE_ENV).start()
+    st = Stack(stack.original, stack.protected, service, None, slip, None)
+    try:
+        slip.wait_ready(600)
+        st.p = stack.p
+        yield st
+    finally:
+        slip.stop()
+        service.stop()
 
 
 def _validation_prompts(count: int, length: int) -> list[list[int]]:
@@ -146,10 +166,12 @@ def _preemptions(server) -> float:
                if line.startswith("vllm:num_preemptions_total"))
 
 
-def test_sixteen_concurrent_clients_streaming_and_not_get_the_reference_tokens(stack):
-    """20 concurrent completions (half streaming) in continuous batches, with more KV demand than
-    the 16 blocks hold so vLLM preempts and recomputes requests: every answer is complete and
-    equals the fixed-point reference's greedy decode of that prompt alone."""
+def test_sixteen_concurrent_clients_streaming_and_not_get_the_reference_tokens(shm_stack):
+    """Over the shared-memory channel: 20 concurrent completions (half streaming) in continuous
+    batches, with more KV demand than the 16 blocks hold so vLLM preempts and recomputes requests:
+    every answer is complete and equals the fixed-point reference's greedy decode of that prompt
+    alone."""
+    stack = shm_stack
     prompts = [p[: 8 + (i % 5) * 7] for i, p in enumerate(_validation_prompts(20, 40))]
     new_tokens = 12
     client = stack.client(stack.slip)
@@ -353,10 +375,11 @@ def test_a_host_that_alters_one_result_element_is_caught_and_only_that_request_f
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in _offline_greedy(ref, prompt, 4)]
 
 
-def test_service_outage_gives_request_errors_and_recovery(stack):
-    """Stop the service while vLLM serves: requests fail cleanly (streaming too), vLLM stays up;
-    after a restart (empty KV cache; vLLM dropped its prefix cache on the failure) requests are
-    answered correctly again."""
+def test_service_outage_gives_request_errors_and_recovery(shm_stack):
+    """Over the shared-memory channel: stop the service while vLLM serves: requests fail cleanly
+    (streaming too), vLLM stays up; after a restart (empty KV cache; vLLM dropped its prefix cache on
+    the failure) the channel is attached anew and requests are answered correctly again."""
+    stack = shm_stack
     client = stack.client(stack.slip)
     prompt = _validation_prompts(2, 20)[1]
     stack.service.stop()

@@ -42,11 +42,14 @@ def llama(model_factory, log_dir):
     stack.stop()
 
 
-@pytest.fixture(scope="module", params=[("qwen2", True), ("gpt2", True), ("mistral", False), ("qwen3", False)],
-                ids=lambda p: p[0])
+# every stack talks to its service over the shared-memory channel, except qwen2's: the HTTP data
+# plane (a service that is not colocated) keeps a serving test of its own
+@pytest.fixture(scope="module", params=[("qwen2", True, "http"), ("gpt2", True, "shm"), ("mistral", False, "shm"),
+                                        ("qwen3", False, "shm")],
+                ids=lambda p: f"{p[0]}-{p[2]}")
 def other(request, model_factory, log_dir):
-    family, tie = request.param
-    stack = start_stack(model_factory, log_dir, family, tie=tie, eager=True)
+    family, tie, transport = request.param
+    stack = start_stack(model_factory, log_dir, family, tie=tie, eager=True, transport=transport)
     yield stack
     stack.stop()
 
