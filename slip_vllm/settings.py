@@ -77,16 +77,41 @@ class Settings:
         default=0,
         metadata={"env": "SLIP_SERVICE_THREADS", "help": "torch threads in the service (0: torch's default)"},
     )
+    mask_pool_concurrent_rows: int = field(
+        default=32,
+        metadata={"env": "SLIP_MASK_POOL_CONCURRENT_ROWS",
+                  "help": "shielded: token rows one engine step is expected to carry through each masked GEMM "
+                          "(e.g. the most concurrent decode sequences); sizes the mask pools"},
+    )
+    mask_pool_steps: int = field(
+        default=4,
+        metadata={"env": "SLIP_MASK_POOL_STEPS",
+                  "help": "shielded: engine steps of headroom the mask pools hold (pool rows per layer = "
+                          "SLIP_MASK_POOL_CONCURRENT_ROWS x SLIP_MASK_POOL_STEPS)"},
+    )
     mask_pool_rows: int = field(
-        default=128,
+        default=-1,
         metadata={
             "env": "SLIP_MASK_POOL_ROWS",
-            "help": "shielded: one-time mask pairs (r, W_q r) precomputed ahead per layer (8*(n+m) bytes each; 0: on demand only)",
+            "help": "shielded: one-time mask pairs (r, W_q r) kept ready per layer, 8*(n+m) bytes each, overriding "
+                    "the product above (-1: use the product; 0: on demand only)",
         },
     )
     mask_precompute_chunk: int = field(
-        default=32,
-        metadata={"env": "SLIP_MASK_PRECOMPUTE_CHUNK", "help": "shielded: mask rows the background thread makes per batch"},
+        default=128,
+        metadata={"env": "SLIP_MASK_PRECOMPUTE_CHUNK",
+                  "help": "shielded: mask rows the background thread makes per batch (one GEMM; see benchmarks/bench_masks.py)"},
+    )
+    mask_precompute_backend: str = field(
+        default="auto",
+        metadata={"env": "SLIP_MASK_PRECOMPUTE_BACKEND",
+                  "help": "shielded: field GEMM backend making W_q r for the masks (auto: fastest measured at start; "
+                          "or f64, cpu_int8, naive_int8)"},
+    )
+    mask_precompute_nice: int = field(
+        default=10,
+        metadata={"env": "SLIP_MASK_PRECOMPUTE_NICE",
+                  "help": "shielded: nice increment of the mask precompute thread, so the online path runs first (0: none)"},
     )
     mask_audit: bool = field(
         default=False,
@@ -143,6 +168,16 @@ class Settings:
                 value = "***"
             rows.append((f.metadata["env"], str(value), f.metadata["help"]))
         return rows
+
+    def mask_pool_rows_per_layer(self) -> int:
+        """Capacity of each layer's mask pool: SLIP_MASK_POOL_ROWS if >= 0, else
+        SLIP_MASK_POOL_CONCURRENT_ROWS x SLIP_MASK_POOL_STEPS."""
+        if self.mask_pool_rows >= 0:
+            return self.mask_pool_rows
+        if self.mask_pool_rows != -1 or self.mask_pool_concurrent_rows < 0 or self.mask_pool_steps < 0:
+            raise ValueError("SLIP_MASK_POOL_ROWS must be -1 or >= 0, and SLIP_MASK_POOL_CONCURRENT_ROWS and "
+                             "SLIP_MASK_POOL_STEPS >= 0")
+        return self.mask_pool_concurrent_rows * self.mask_pool_steps
 
 
 _cached: Settings | None = None
