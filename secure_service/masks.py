@@ -8,7 +8,11 @@ What this module owns
 * ``MaskProvider``: the one replaceable object that says where masks come from (like CrypTen's
   provider of correlated randomness): ``take(layer_id, rows) -> MaskBatch``;
 * ``PooledMaskProvider``: fresh pairs precomputed by a background thread into a bounded pool per
-  layer, computed on demand when the pool is empty;
+  layer (sized from the expected load: ``SLIP_MASK_POOL_CONCURRENT_ROWS`` x ``SLIP_MASK_POOL_STEPS``
+  rows, or ``SLIP_MASK_POOL_ROWS``), refilled in large batches, computed on demand when the pool
+  is empty, with demand and refill rates in ``stats()``;
+* ``select_precompute_backend``: which exact CPU field GEMM of ``slip_vllm.core.field`` makes the
+  images W_q r fastest on this machine (measured once per process);
 * ``MaskAuditRecorder``: an optional keyed fingerprint of every mask row handed out, so a test or an
   evaluation can prove that no row was ever handed out twice.
 
@@ -37,9 +41,39 @@ generator.  The host can make x_q known or constant (chosen prompts, zero paddin
 input it can predict), which turns x~ into raw generator output; MT19937's state follows from 624
 consecutive 32-bit outputs and a 64-bit seed can be searched, after which every later mask, and so
 every plaintext, is known.  ``torch.randint(0, p)`` also reduces a 64-bit draw modulo p, which is
-slightly non-uniform.  Here each element is ceil(log2 p) bits of ``os.urandom`` (getrandom(2),
-ChaCha20 in the kernel), accepted if below p and redrawn otherwise (rejection sampling), which is
-exactly uniform on [0, p).
+slightly non-uniform.  Here each element is b = bits(p-1) bits of ``os.urandom`` (getrandom(2),
+ChaCha20 in the kernel), taken from ceil(b/8) bytes, accepted if below p and redrawn otherwise
+(rejection sampling), which is exactly uniform on [0, p).
+
+Sizing the pool for load
+------------------------
+Every token row of every masked GEMM consumes one pair, so a pool that covers the expected load
+holds, per layer, the rows one engine step carries (``SLIP_MASK_POOL_CONCURRENT_ROWS``, e.g. the
+largest number of concurrently decoding sequences) times the steps of headroom
+(``SLIP_MASK_POOL_STEPS``); ``SLIP_MASK_POOL_ROWS`` >= 0 overrides the product.  A pooled row takes
+8*(n+m) bytes (int64 r and W_q r); the provider logs the total when it starts and ``stats()``
+reports it.  Demand above the pool (a long prefill) is made on demand, in the taker's thread.
+
+The background filler
+---------------------
+* Batches: the images are one GEMM per batch, whose rows/s grows with the batch
+  (``benchmarks/bench_masks.py`` measures it per backend and batch size; the default
+  ``SLIP_MASK_PRECOMPUTE_CHUNK`` is the smallest batch within 10 % of the best rate measured there,
+  and the backend is chosen by ``select_precompute_backend``).  A layer is refilled when its pool
+  (ready + being made) falls to the low-water mark capacity - min(chunk, capacity/2), so a refill
+  is never smaller than min(chunk, capacity/2) rows while demand continues; a layer whose pool has
+  not been drawn from for ``_TOPUP_IDLE_S`` is topped up to full in any batch size (so bursts find
+  full pools).  The emptiest pool (by fraction of its capacity) goes first.  A taker that pushes a
+  pool to the low-water mark (or takes from a full one) wakes the filler at once.
+* No lock is held while computing: the filler reserves rows under the layer's lock, makes them
+  without any lock, then publishes the finished batch under the lock.  Takers never wait for the
+  filler: they claim what is ready and compute the rest themselves.
+* Priority: the filler lowers its own OS scheduling priority (``SLIP_MASK_PRECOMPUTE_NICE``,
+  default +10; per thread on Linux, and the OpenMP workers it starts inherit it), so on a busy
+  machine the online path (unmask, glue, mask) runs first and the filler uses the idle cycles.  It
+  does not change torch's thread count: ``torch.set_num_threads`` also sets the default of every
+  thread that has not yet run a parallel operation (the service's request threads), so the filler
+  uses the service's torch thread count (``threads`` of configs/service.yaml).
 
 Memory hygiene is best effort: mask tensors are zeroed when handed out or destroyed, but Python
 and torch may have made transient copies (the random bytes object, GEMM limb buffers) that are freed
@@ -49,8 +83,12 @@ without being overwritten.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
+import logging
+import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -60,6 +98,7 @@ from typing import Dict, Hashable, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from slip_vllm.core.field import FieldWeight, available_backends, choose_prime, limb_count
 from slip_vllm.core.quantize import PublicWeight
 from slip_vllm.settings import settings
 
@@ -70,45 +109,67 @@ __all__ = [
     "PooledMaskProvider",
     "MaskAuditRecorder",
     "MaskStats",
+    "select_precompute_backend",
+    "pair_bytes",
 ]
 
+log = logging.getLogger("slip.service")
 
 # ---------------------------------------------------------------------------------------------
 # uniform field elements from the CSPRNG
 # ---------------------------------------------------------------------------------------------
 
 
+def _random_candidates(count: int, bits: int) -> np.ndarray:
+    """uint64 [count]: each ``bits`` uniform random bits (1 <= bits <= 62) from ``os.urandom``.
+
+    Candidate i is made of its own nb = ceil(bits/8) bytes, raw[i*nb : (i+1)*nb]: the 8 bytes from
+    i*nb are read as one little-endian word (a strided view, no copy; 8 - nb padding bytes at the
+    end keep the last read in bounds) and masked to its low ``bits`` bits, which lie inside its own
+    nb bytes, so bytes of the next candidate never enter.  Every kept bit is one random bit: each
+    candidate is uniform on [0, 2^bits) and the candidates are independent.
+    """
+    nbytes = (bits + 7) // 8
+    raw = os.urandom(count * nbytes + (8 - nbytes))
+    words = np.ndarray((count,), dtype="<u8", buffer=raw, offset=0, strides=(nbytes,))
+    return np.bitwise_and(words, np.uint64((1 << bits) - 1)).astype(np.uint64, copy=False)
+
+
 def csprng_field_elements(shape: Union[int, Tuple[int, ...]], p: int) -> torch.Tensor:
     """int64 tensor of the given shape, i.i.d. exactly uniform on [0, p), from ``os.urandom``.
 
-    Rejection sampling: draw b = bits(p-1) random bits per candidate (8 bytes read, top bits
-    masked off), keep candidates below p.  Each candidate is accepted with probability
-    p / 2^b > 1/2; accepted values are uniform on [0, p) and independent of the rejected ones.
+    Rejection sampling per element: every element gets a candidate of b = bits(p-1) random bits
+    (uniform on [0, 2^b), made from ceil(b/8) bytes); the elements whose candidate is >= p get a
+    fresh candidate, again and again until each has one below p.  So each element is the first
+    accepted draw of its own i.i.d. sequence, which is uniform on [0, p), and the elements are
+    independent (which positions are redrawn tells nothing about the accepted values, and redraws
+    use fresh bytes).  A candidate is accepted with probability p / 2^b > 1/2, so the expected
+    number of redraw rounds is O(log(elements)) and the expected extra bytes are below 100 %.
     """
     if isinstance(p, bool) or not isinstance(p, int) or not 2 <= p < (1 << 62):
         raise ValueError(f"p must be an int in [2, 2^62), got {p!r}")
     shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
     need = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    out = np.empty(need, dtype=np.int64)
     bits = (p - 1).bit_length()
-    keep = np.uint64((1 << bits) - 1)
-    accept = p / float(1 << bits)
-    filled = 0
-    while filled < need:
-        left = need - filled
-        draw = int(left / accept * 1.05) + 16
-        cand = np.frombuffer(os.urandom(8 * draw), dtype="<u8") & keep
-        cand = cand[cand < np.uint64(p)]
-        k = min(left, cand.shape[0])
-        out[filled:filled + k] = cand[:k].astype(np.int64)
-        filled += k
-        cand.fill(0)
-    return torch.from_numpy(out).reshape(shape)
+    pp = np.uint64(p)
+    out = _random_candidates(need, bits)
+    bad = np.flatnonzero(out >= pp)
+    while bad.size:
+        redo = _random_candidates(int(bad.size), bits)
+        out[bad] = redo
+        bad = bad[redo >= pp]
+        redo.fill(0)
+    return torch.from_numpy(out.view(np.int64)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
 # batches, the interface, the audit hook
 # ---------------------------------------------------------------------------------------------
+
+
+def pair_bytes(m: int, n: int) -> int:
+    """Bytes of one stored pair (r [n], W_q r [m]) as int64: 8*(n+m)."""
+    return 8 * (int(n) + int(m))
 
 
 @dataclass
@@ -179,11 +240,15 @@ class MaskAuditRecorder:
 
 @dataclass
 class MaskStats:
+    """Counters since the provider started (``PooledMaskProvider.stats`` adds rates and levels)."""
+
     pool_hits: int = 0            # rows served from the precomputed pool
     pool_misses: int = 0          # rows computed on demand because the pool was empty
-    rows_generated: int = 0       # rows made (background + on demand)
-    precompute_seconds: float = 0.0  # background thread time spent making pairs
-    on_demand_seconds: float = 0.0   # time takers spent making pairs themselves
+    rows_generated: int = 0       # rows made (background + prefill + on demand)
+    rows_precomputed: int = 0     # rows made ahead of demand (background thread and prefill)
+    precompute_batches: int = 0   # batches those rows were made in
+    precompute_seconds: float = 0.0  # time spent making pairs ahead of demand
+    on_demand_seconds: float = 0.0   # time takers spent making pairs themselves (on the critical path)
     pooled_rows: int = 0          # rows in the pools now
 
     def as_dict(self) -> dict:
@@ -220,6 +285,158 @@ class MaskProvider(abc.ABC):
 
 
 # ---------------------------------------------------------------------------------------------
+# which field GEMM makes W_q r
+# ---------------------------------------------------------------------------------------------
+
+_PROBE_SHAPE = (1024, 1024)  # (m, n) of the probe weight of select_precompute_backend
+_PROBE_ROWS = (4, 64)        # stage 1 (every candidate) and stage 2 (the survivors) batch rows
+_PROBE_KEEP = 4.0            # stage 1 keeps the candidates at most this many times slower than the best
+
+
+def _f64_copy_bytes(weights: Mapping[Hashable, PublicWeight]) -> int:
+    """Bytes of the float64 copies of W_q the ``f64`` backend caches (one per int8 digit plane)."""
+    return sum(8 * w.m * w.n * (1 if w.bits == 8 else 2) for w in weights.values())
+
+
+def _physical_memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_backends(limbs: int) -> Tuple[Tuple[str, float], ...]:
+    """((backend, rows/s), ...) of the exact CPU backends making W r mod p for a random int8
+    1024 x 1024 probe, fastest first; measured once per process and limb count (the int8 limb
+    backends' cost grows with the 8-bit limbs of p; ``f64`` always uses two 20-bit limbs), with the
+    smallest prime of that many limbs.
+
+    Stage 1 times every candidate on 4 rows (after one warm-up call, which also builds its packed
+    copy of W); stage 2 times the candidates within 4x of the best on 64 rows (best of two).  The
+    probe's rows come from a seeded non-cryptographic generator: they are only timed, never used.
+    """
+    p = choose_prime(256 ** (limbs - 1))
+    g = torch.Generator().manual_seed(0)
+    m, n = _PROBE_SHAPE
+    fw = FieldWeight(torch.randint(-127, 128, (m, n), generator=g, dtype=torch.int8), p)
+    x = torch.randint(0, p, (_PROBE_ROWS[-1], n), generator=g, dtype=torch.int64)
+    candidates = [b for b in available_backends("cpu") if b != "reference"]
+
+    def rate(backend: str, rows: int, reps: int) -> float:
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fw.matmul(x[:rows], backend=backend)
+            best = min(best, time.perf_counter() - t0)
+        return rows / max(best, 1e-9)
+
+    stage1 = {}
+    for b in candidates:
+        fw.matmul(x[:1], backend=b)  # warm-up: packed copies, kernels
+        stage1[b] = rate(b, _PROBE_ROWS[0], 1)
+    top = max(stage1.values())
+    stage2 = {b: rate(b, _PROBE_ROWS[1], 2) for b, r in stage1.items() if r * _PROBE_KEEP >= top}
+    ranked = sorted(stage2.items(), key=lambda kv: -kv[1]) + sorted(
+        ((b, r) for b, r in stage1.items() if b not in stage2), key=lambda kv: -kv[1])
+    return tuple(ranked)
+
+
+def select_precompute_backend(weights: Mapping[Hashable, PublicWeight], p: int,
+                              requested: str = "auto") -> Tuple[str, str]:
+    """(backend, why) for making the mask images W_q r of these CPU weights.
+
+    requested: a backend name of ``field.available_backends("cpu")`` (used as is), or "auto": the
+    fastest exact backend measured by ``_probe_backends`` (once per process and limb count of p),
+    except that ``f64`` is skipped when its float64 copies of the weights (8 bytes per weight, per
+    int8 digit plane) would exceed a quarter of the machine's physical memory; the next fastest is
+    used then.  Measured on this repository's machines (``benchmarks/bench_masks.py``): ``f64`` on
+    an AVX2-only AMD EPYC (whose int8 GEMM has no VNNI: 10-100x slower), ``cpu_int8`` on a Xeon
+    with AVX512-VNNI/AMX (2-4x faster than ``f64``); so the choice is made where the service runs.
+    """
+    names = [b for b in available_backends("cpu") if b != "reference"]
+    if requested != "auto":
+        if requested not in names + ["reference"]:
+            raise ValueError(f"unknown mask precompute backend {requested!r}; known: auto, {', '.join(names)}")
+        return requested, "requested"
+    ranked = _probe_backends(limb_count(p))
+    f64_bytes, phys = _f64_copy_bytes(weights), _physical_memory_bytes()
+    skipped = ""
+    for backend, rows_s in ranked:
+        if backend == "f64" and phys is not None and 4 * f64_bytes > phys:
+            skipped = f"; f64 skipped: its float64 weight copies would take {f64_bytes / 2**30:.1f} GiB"
+            continue
+        probe = ", ".join(f"{b} {r:.0f}" for b, r in ranked)
+        return backend, f"auto: fastest on a {_PROBE_SHAPE[0]}x{_PROBE_SHAPE[1]} probe (rows/s: {probe}){skipped}"
+    return ranked[0][0], "auto: no backend fits the memory rule, fastest used"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# rates over a recent window
+# ---------------------------------------------------------------------------------------------
+
+_WINDOW_S = 10.0         # the recent window of the rates and level ranges in stats()
+_BUCKETS = 20            # the window is kept in this many buckets (so it is exact to 1/20)
+_TOPUP_IDLE_S = 0.2      # a pool not drawn from for this long is topped up to full in any batch size
+_CHUNK_TEMP_BYTES = 256 << 20  # rows per GEMM call are capped so its temporaries stay below this
+_FILLER_POLL_S = 1.0     # the filler re-checks its state at least this often
+
+
+class _Rate:
+    """Sum of values added in the last ``window`` seconds, in fixed buckets (caller locks)."""
+
+    def __init__(self, window: float = _WINDOW_S, buckets: int = _BUCKETS):
+        self.width = window / buckets
+        self.buckets = buckets
+        self.data: deque = deque()  # [bucket index, sum]
+
+    def add(self, value: float, now: float) -> None:
+        i = int(now / self.width)
+        if self.data and self.data[-1][0] == i:
+            self.data[-1][1] += value
+        else:
+            self.data.append([i, value])
+            self._prune(i)
+
+    def _prune(self, i: int) -> None:
+        while self.data and self.data[0][0] <= i - self.buckets:
+            self.data.popleft()
+
+    def total(self, now: float) -> float:
+        self._prune(int(now / self.width))
+        return sum(v for _, v in self.data)
+
+
+class _LevelRange:
+    """Lowest and highest pool level in the last ``window`` seconds, in buckets (caller locks)."""
+
+    def __init__(self, level: int, window: float = _WINDOW_S, buckets: int = _BUCKETS):
+        self.width = window / buckets
+        self.buckets = buckets
+        self.data: deque = deque()  # [bucket index, min, max]
+        self.level = level
+
+    def note(self, level: int, now: float) -> None:
+        self.level = level
+        i = int(now / self.width)
+        if self.data and self.data[-1][0] == i:
+            b = self.data[-1]
+            b[1], b[2] = min(b[1], level), max(b[2], level)
+        else:
+            self.data.append([i, level, level])
+            while self.data[0][0] <= i - self.buckets:
+                self.data.popleft()
+
+    def range(self, now: float) -> Tuple[int, int]:
+        i = int(now / self.width)
+        lo = hi = self.level
+        for j, a, b in self.data:
+            if j > i - self.buckets:
+                lo, hi = min(lo, a), max(hi, b)
+        return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
 # the pooled provider
 # ---------------------------------------------------------------------------------------------
 
@@ -236,52 +453,82 @@ class _Chunk:
 
 
 class _LayerPool:
-    def __init__(self, weight: PublicWeight):
+    def __init__(self, layer_id: Hashable, weight: PublicWeight):
+        self.layer_id = layer_id
         self.weight = weight
         self.chunks: deque = deque()
         self.level = 0      # rows ready in chunks
-        self.reserved = 0   # rows being made right now (counted against pool_rows)
+        self.reserved = 0   # rows being made right now (counted against the capacity)
+        self.last_take = -math.inf  # time.monotonic() of the last take that drew from this pool
+        self.levels = _LevelRange(0)
+        self.levels.note(0, time.monotonic())
         self.lock = threading.Lock()
+        m, n = weight.shape
+        # rows per GEMM call: the f64 backend's temporaries are about 8*(2n + 7m) bytes per row
+        self.max_gemm_rows = max(1, _CHUNK_TEMP_BYTES // (8 * (2 * n + 7 * m) + pair_bytes(m, n)))
 
 
 class PooledMaskProvider(MaskProvider):
     """Fresh (r, W_q r mod p) pairs, precomputed ahead of demand, on demand when the pool is empty.
 
     weights: layer id -> ``PublicWeight`` (or an int8/int16 W_q [m, n], wrapped for p).
-    pool_rows: rows kept ready per layer (default ``SLIP_MASK_POOL_ROWS``; 0: on demand only, no
-    thread).  chunk_rows: rows per background batch (default ``SLIP_MASK_PRECOMPUTE_CHUNK``).
+    pool_rows: capacity of every layer's pool in rows (default: ``settings().mask_pool_rows_per_layer()``,
+    i.e. ``SLIP_MASK_POOL_ROWS`` if >= 0, else ``SLIP_MASK_POOL_CONCURRENT_ROWS`` x
+    ``SLIP_MASK_POOL_STEPS``; 0: on demand only, no thread).  chunk_rows: rows per background batch
+    (default ``SLIP_MASK_PRECOMPUTE_CHUNK``).  backend: the field GEMM backend for W_q r, or "auto"
+    (default ``SLIP_MASK_PRECOMPUTE_BACKEND``; see ``select_precompute_backend``).  nice: the
+    filler's priority increment (default ``SLIP_MASK_PRECOMPUTE_NICE``; 0: unchanged).
     recorder: an optional ``MaskAuditRecorder``.  start: start the background thread now.
 
-    One background thread per provider refills the emptiest pool first.  ``take`` claims rows of
-    the pool under the layer's lock (each row is claimed by exactly one caller), copies them out and
-    overwrites the pool's copy, and computes the rest on demand in the caller's thread.  Memory:
-    8*(n+m) bytes per pooled row.
+    ``pool_rows`` and ``chunk_rows`` are plain attributes read at every decision, so they may be
+    changed after construction (e.g. before ``prefill``).  Refill policy, priority and locking: see
+    the module docstring ("The background filler").  ``take`` claims rows of the pool under the
+    layer's lock (each row is claimed by exactly one caller), copies them out and overwrites the
+    pool's copy, and computes the rest on demand in the caller's thread.  Memory: 8*(n+m) bytes
+    per pooled row, logged at start.
     """
 
     def __init__(self, weights: Mapping[Hashable, Union[PublicWeight, torch.Tensor]], p: int, *,
                  pool_rows: Optional[int] = None, chunk_rows: Optional[int] = None,
                  recorder: Optional[MaskAuditRecorder] = None, start: bool = True,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, nice: Optional[int] = None):
         cfg = settings()
         self.p = p
-        self.pool_rows = cfg.mask_pool_rows if pool_rows is None else int(pool_rows)
+        self.pool_rows = cfg.mask_pool_rows_per_layer() if pool_rows is None else int(pool_rows)
         self.chunk_rows = cfg.mask_precompute_chunk if chunk_rows is None else int(chunk_rows)
         if self.pool_rows < 0 or self.chunk_rows < 1:
             raise ValueError("pool_rows must be >= 0 and chunk_rows >= 1")
+        self.nice = cfg.mask_precompute_nice if nice is None else int(nice)
         self.recorder = recorder
-        self.backend = backend
         self._layers: Dict[Hashable, _LayerPool] = {}
         for lid, w in weights.items():
             pw = w if isinstance(w, PublicWeight) else PublicWeight(w, p)
             if pw.p != p:
                 raise ValueError(f"layer {lid!r}: weight prepared for p={pw.p}, provider uses p={p}")
-            self._layers[lid] = _LayerPool(pw)
+            self._layers[lid] = _LayerPool(lid, pw)
+        requested = backend or cfg.mask_precompute_backend
+        if self._layers:
+            self.backend, self.backend_reason = select_precompute_backend(
+                {k: v.weight for k, v in self._layers.items()}, p, requested)
+        else:
+            self.backend, self.backend_reason = (None if requested == "auto" else requested), "no layers"
         self._stats = MaskStats()
         self._stats_lock = threading.Lock()
+        self._started = time.monotonic()
+        self._demand = _Rate()      # rows taken
+        self._refill = _Rate()      # rows made ahead of demand
+        self._on_demand = _Rate()   # rows made by takers
+        self._on_demand_s = _Rate()  # seconds takers spent making them
         self._cv = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None  # set if the background thread died
+        if self._layers:
+            per_row = sum(pair_bytes(*pool.weight.shape) for pool in self._layers.values())
+            log.info("mask pools: %d layers x %d rows each, %.1f MiB when full (%d B per row across the "
+                     "layers); precompute backend %s (%s); batches of %d rows, low water %d rows; filler nice +%d",
+                     len(self._layers), self.pool_rows, per_row * self.pool_rows / 2**20, per_row, self.backend,
+                     self.backend_reason, self.chunk_rows, self.low_water(), self.nice)
         if start:
             self.start()
 
@@ -289,6 +536,15 @@ class PooledMaskProvider(MaskProvider):
 
     def shape(self, layer_id: Hashable) -> Tuple[int, int]:
         return self._layer(layer_id).weight.shape
+
+    def low_water(self) -> int:
+        """A layer is refilled when ready + reserved rows fall to this: capacity - min(chunk, capacity/2)."""
+        cap = self.pool_rows
+        return cap - max(1, min(self.chunk_rows, cap // 2)) if cap > 0 else 0
+
+    def pool_memory_bytes(self) -> int:
+        """Bytes all pools hold when full: capacity x 8*(n+m) summed over the layers."""
+        return self.pool_rows * sum(pair_bytes(*pool.weight.shape) for pool in self._layers.values())
 
     def start(self) -> None:
         if self._thread is None and self.pool_rows > 0 and self._layers:
@@ -317,7 +573,9 @@ class PooledMaskProvider(MaskProvider):
         pool = self._layer(layer_id)
         claimed: List[Tuple[_Chunk, int, int]] = []
         got = 0
+        wake = False
         with pool.lock:  # bookkeeping only: claim rows [lo, hi) of pooled chunks for this caller
+            was_full = pool.level + pool.reserved >= self.pool_rows
             while got < rows and pool.chunks:
                 chunk = pool.chunks[0]
                 k = min(rows - got, chunk.remaining)
@@ -327,27 +585,27 @@ class PooledMaskProvider(MaskProvider):
                     pool.chunks.popleft()
                 got += k
                 pool.level -= k
-        if got:
+            if rows:
+                now = time.monotonic()
+                pool.last_take = now
+                pool.levels.note(pool.level, now)
+                wake = self.pool_rows > 0 and (was_full or pool.level + pool.reserved <= self.low_water())
+        if wake:
             with self._cv:
-                self._cv.notify_all()  # wake the filler
+                self._cv.notify_all()  # the filler sleeps until woken or an idle top-up is due
         # claimed rows belong to this caller alone (no one else reads below a chunk's offset and
         # the filler never writes into existing chunks), so they are copied out without the lock
         # and then overwritten in the pool: they can never be handed out again
         parts_r = [c.r[lo:hi] for c, lo, hi in claimed]
         parts_wr = [c.wr[lo:hi] for c, lo, hi in claimed]
         missing = rows - got
+        dt = 0.0
         if missing:
             t0 = time.perf_counter()
-            r_new, wr_new = self._make(pool.weight, missing)
+            r_new, wr_new = self._make(pool.weight, missing, pool.max_gemm_rows)
             dt = time.perf_counter() - t0
             parts_r.append(r_new)
             parts_wr.append(wr_new)
-        with self._stats_lock:
-            self._stats.pool_hits += got
-            if missing:
-                self._stats.pool_misses += missing
-                self._stats.rows_generated += missing
-                self._stats.on_demand_seconds += dt
         if not claimed and missing:
             r, wr = parts_r[0], parts_wr[0]  # freshly made for this caller: no copy needed
         elif parts_r:
@@ -358,25 +616,78 @@ class PooledMaskProvider(MaskProvider):
             m, n = pool.weight.shape
             r = torch.empty((0, n), dtype=torch.int64)
             wr = torch.empty((0, m), dtype=torch.int64)
+        if rows:
+            now = time.monotonic()
+            with self._stats_lock:
+                self._stats.pool_hits += got
+                self._demand.add(rows, now)
+                if missing:
+                    self._stats.pool_misses += missing
+                    self._stats.rows_generated += missing
+                    self._stats.on_demand_seconds += dt
+                    self._on_demand.add(missing, now)
+                    self._on_demand_s.add(dt, now)
         if self.recorder is not None:
             self.recorder.record(layer_id, r)
         return MaskBatch(layer_id=layer_id, r=r, wr=wr)
 
     def stats(self) -> dict:
+        """Counters (``MaskStats``), rates over the last ``_WINDOW_S`` seconds, pool levels.
+
+        Besides the counters: rows_taken (= pool_hits + pool_misses); demand_rows_per_s,
+        refill_rows_per_s (rows made ahead of demand), on_demand_rows_per_s and
+        on_demand_seconds_per_s (the fraction of wall time takers spent making pairs) over
+        ``window_s`` (the last 10 s, or the time since start if shorter); pool_rows_per_layer
+        (capacity), pool_low_water_rows, chunk_rows, pool_capacity_rows (all layers),
+        pool_memory_bytes (all pools full); pool_level_min / pool_level_max (rows ready now, over
+        the layers); layers: per layer (by str(id)) level, capacity and the lowest / highest level
+        within the window; backend (and why), filler_nice, filler_running.
+        """
+        now = time.monotonic()
         with self._stats_lock:
             s = MaskStats(**self._stats.as_dict())
-        s.pooled_rows = sum(pool.level for pool in self._layers.values())
+            window = max(1e-3, min(_WINDOW_S, now - self._started))
+            demand = self._demand.total(now) / window
+            refill = self._refill.total(now) / window
+            on_demand = self._on_demand.total(now) / window
+            on_demand_s = self._on_demand_s.total(now) / window
+        layers = {}
+        for lid, pool in self._layers.items():
+            with pool.lock:
+                lo, hi = pool.levels.range(now)
+                layers[str(lid)] = {"level": pool.level, "capacity": self.pool_rows,
+                                    "min_level": lo, "max_level": hi}
+        s.pooled_rows = sum(v["level"] for v in layers.values())
         d = s.as_dict()
-        d["seconds_per_row_precompute"] = (s.precompute_seconds / max(1, s.rows_generated - s.pool_misses)
-                                           if s.rows_generated > s.pool_misses else None)
+        d["rows_taken"] = s.pool_hits + s.pool_misses
+        d["seconds_per_row_precompute"] = s.precompute_seconds / s.rows_precomputed if s.rows_precomputed else None
         d["seconds_per_row_on_demand"] = s.on_demand_seconds / s.pool_misses if s.pool_misses else None
-        d["background_error"] = None if self.error is None else repr(self.error)
+        d.update(
+            window_s=window,
+            demand_rows_per_s=demand,
+            refill_rows_per_s=refill,
+            on_demand_rows_per_s=on_demand,
+            on_demand_seconds_per_s=on_demand_s,
+            pool_rows_per_layer=self.pool_rows,
+            pool_low_water_rows=self.low_water(),
+            chunk_rows=self.chunk_rows,
+            pool_capacity_rows=self.pool_rows * len(self._layers),
+            pool_memory_bytes=self.pool_memory_bytes(),
+            pool_level_min=min((v["level"] for v in layers.values()), default=0),
+            pool_level_max=max((v["level"] for v in layers.values()), default=0),
+            layers=layers,
+            backend=self.backend,
+            backend_reason=self.backend_reason,
+            filler_nice=self.nice,
+            filler_running=self._thread is not None and self._thread.is_alive(),
+            background_error=None if self.error is None else repr(self.error),
+        )
         return d
 
     def prefill(self) -> None:
         """Fill every pool to pool_rows in the calling thread (e.g. before accepting traffic)."""
         for pool in self._layers.values():
-            while self._refill_once(pool):
+            while self._refill_once(pool, self._batch_rows(pool)):
                 pass
 
     def pooled(self, layer_id: Hashable) -> int:
@@ -402,56 +713,103 @@ class PooledMaskProvider(MaskProvider):
         except KeyError:
             raise KeyError(f"unknown layer {layer_id!r}") from None
 
-    def _make(self, weight: PublicWeight, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """rows fresh pairs: r uniform in Z_p^n from the CSPRNG, wr = W_q r mod p (exact)."""
+    def _make(self, weight: PublicWeight, rows: int,
+              gemm_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows fresh pairs: r uniform in Z_p^n from the CSPRNG, wr = W_q r mod p (exact), the GEMM
+        in pieces of at most gemm_rows rows (the layer's ``max_gemm_rows``: bounded temporaries)."""
         r = csprng_field_elements((rows, weight.n), self.p)
-        wr = weight.matmul(r, backend=self.backend)
+        if gemm_rows is None or rows <= gemm_rows:
+            return r, weight.matmul(r, backend=self.backend)
+        wr = torch.empty((rows, weight.m), dtype=torch.int64)
+        for i in range(0, rows, gemm_rows):
+            wr[i:i + gemm_rows] = weight.matmul(r[i:i + gemm_rows], backend=self.backend)
         return r, wr
 
-    def _refill_once(self, pool: _LayerPool) -> bool:
-        """Make one chunk for pool if it is below pool_rows; False if it was full."""
+    def _batch_rows(self, pool: _LayerPool) -> int:
+        return max(1, min(self.chunk_rows, pool.max_gemm_rows))
+
+    def _refill_once(self, pool: _LayerPool, max_rows: int) -> bool:
+        """Make up to max_rows rows for pool if it is below pool_rows; False if it was full.
+
+        Rows are reserved under the layer's lock, made without any lock, then published."""
         with pool.lock:
-            rows = min(self.chunk_rows, self.pool_rows - pool.level - pool.reserved)
+            rows = min(max_rows, self.pool_rows - pool.level - pool.reserved)
             if rows <= 0:
                 return False
             pool.reserved += rows
         try:
             t0 = time.perf_counter()
-            r, wr = self._make(pool.weight, rows)
+            r, wr = self._make(pool.weight, rows, pool.max_gemm_rows)
             dt = time.perf_counter() - t0
         except BaseException:
             with pool.lock:
                 pool.reserved -= rows
             raise
+        now = time.monotonic()
         with pool.lock:
             pool.chunks.append(_Chunk(r, wr))
             pool.level += rows
             pool.reserved -= rows
+            pool.levels.note(pool.level, now)
         with self._stats_lock:
             self._stats.rows_generated += rows
+            self._stats.rows_precomputed += rows
+            self._stats.precompute_batches += 1
             self._stats.precompute_seconds += dt
+            self._refill.add(rows, now)
         return True
 
-    def _neediest(self) -> Optional[_LayerPool]:
-        best, best_level = None, None
+    def _next_refill(self, now: float) -> Tuple[Optional[_LayerPool], int, float]:
+        """(pool, rows) to refill next, or (None, 0, seconds to sleep).
+
+        Due: pools at or below the low-water mark (a full batch, capped by the free space), then
+        pools not drawn from for ``_TOPUP_IDLE_S`` that are not full (whatever is free, up to a
+        batch); the emptiest by fraction of capacity first.  Reads levels without the layers'
+        locks: a stale read only delays or shrinks a refill, ``_refill_once`` re-checks."""
+        cap, low = self.pool_rows, self.low_water()
+        best, best_key, wait = None, None, _FILLER_POLL_S
         for pool in self._layers.values():
-            level = pool.level + pool.reserved
-            if level < self.pool_rows and (best_level is None or level < best_level):
-                best, best_level = pool, level
-        return best
+            filled = pool.level + pool.reserved
+            if filled >= cap:
+                continue
+            if filled > low:
+                idle_at = pool.last_take + _TOPUP_IDLE_S
+                if idle_at > now:
+                    wait = min(wait, idle_at - now)
+                    continue
+            key = filled / cap
+            if best_key is None or key < best_key:
+                best, best_key = pool, key
+        if best is None:
+            return None, 0, max(wait, 1e-3)
+        return best, self._batch_rows(best), 0.0
+
+    def _lower_priority(self) -> None:
+        """Raise this thread's nice value by ``self.nice`` (Linux: per thread; elsewhere a no-op,
+        because there PRIO_PROCESS would lower the whole service)."""
+        if self.nice <= 0 or not sys.platform.startswith("linux"):
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.nice))
+        except OSError as exc:  # pragma: no cover - e.g. a seccomp profile that forbids it
+            log.warning("mask filler: could not lower its priority: %s", exc)
 
     def _fill_loop(self) -> None:
         try:
+            self._lower_priority()
             while True:
                 with self._cv:
-                    if self._stop:
-                        return
-                    pool = self._neediest()
-                    if pool is None:
-                        self._cv.wait(0.5)
-                        continue
-                self._refill_once(pool)
+                    while True:
+                        if self._stop:
+                            return
+                        pool, rows, wait = self._next_refill(time.monotonic())
+                        if pool is not None:
+                            break
+                        self._cv.wait(wait)
+                self._refill_once(pool, rows)
                 with self._cv:
-                    self._cv.notify_all()
+                    self._cv.notify_all()  # wait_filled
         except BaseException as exc:  # pragma: no cover - surfaced through .error and on-demand takes
             self.error = exc
+            log.error("mask filler stopped: %r (takes continue on demand)", exc)

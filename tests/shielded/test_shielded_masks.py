@@ -1,4 +1,6 @@
-"""One-time masks: CSPRNG uniformity, what the host sees, freshness, and the precompute pool.
+"""One-time masks: CSPRNG uniformity, what the host sees, freshness, and the precompute pool
+(sized from the settings, refilled by the low-water policy, exact and never reused under demand
+above the refill rate, with consistent stats).
 
 Every statistical test has a negative control that must fail, so a broken mask source is caught
 (a chi-square p-value below 1e-6 counts as "not uniform"; an honest run fails a test with
@@ -7,6 +9,8 @@ probability about 1e-6).
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -14,10 +18,18 @@ import pytest
 import torch
 from scipy import stats
 
-from secure_service.masks import MaskAuditRecorder, MaskBatch, PooledMaskProvider, csprng_field_elements
+from secure_service import masks as masks_mod
+from secure_service.masks import (
+    MaskAuditRecorder,
+    MaskBatch,
+    PooledMaskProvider,
+    csprng_field_elements,
+    select_precompute_backend,
+)
 from secure_service.shielded_linear import ShieldedLinear
-from slip_vllm.core.field import choose_prime, field_matmul, field_matmul_reference
+from slip_vllm.core.field import available_backends, choose_prime, field_matmul, field_matmul_reference
 from slip_vllm.core.quantize import PublicWeight, quantize_activations, quantize_weight, select_prime
+from slip_vllm.settings import Settings, settings
 
 ALPHA = 1e-6
 
@@ -229,3 +241,174 @@ def test_concurrent_takers_never_share_a_row():
     assert rec.rows_recorded == total and rec.unique_rows == total and rec.duplicates == []
     assert s["pool_hits"] + s["pool_misses"] == total
     assert s["pool_hits"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sized for load: settings, refill policy, demand above the refill rate, stats
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env_settings(monkeypatch):
+    """apply(**env) sets SLIP_* variables and re-reads the settings; undone (and re-read) after."""
+    def apply(**env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        return settings(refresh=True)
+
+    yield apply
+    monkeypatch.undo()
+    settings(refresh=True)
+
+
+def test_pool_capacity_from_settings(env_settings):
+    assert Settings.from_env({}).mask_pool_rows_per_layer() == 32 * 4  # the defaults
+    cfg = Settings.from_env({"SLIP_MASK_POOL_CONCURRENT_ROWS": "7", "SLIP_MASK_POOL_STEPS": "3"})
+    assert cfg.mask_pool_rows_per_layer() == 21
+    cfg = Settings.from_env({"SLIP_MASK_POOL_CONCURRENT_ROWS": "7", "SLIP_MASK_POOL_ROWS": "5"})
+    assert cfg.mask_pool_rows_per_layer() == 5  # the explicit row count still wins
+    with pytest.raises(ValueError):
+        Settings.from_env({"SLIP_MASK_POOL_ROWS": "-2"}).mask_pool_rows_per_layer()
+
+    shapes = {"a": (24, 40), "b": (40, 16)}
+    p, pws, _, _ = _provider_and_layers(shapes)
+    env_settings(SLIP_MASK_POOL_CONCURRENT_ROWS=6, SLIP_MASK_POOL_STEPS=3, SLIP_MASK_PRECOMPUTE_CHUNK=4,
+                 SLIP_MASK_PRECOMPUTE_BACKEND="naive_int8", SLIP_MASK_PRECOMPUTE_NICE=0)
+    with PooledMaskProvider(pws, p) as prov:
+        assert prov.pool_rows == 18 and prov.chunk_rows == 4 and prov.backend == "naive_int8"
+        assert prov.low_water() == 18 - 4
+        assert prov.wait_filled(30.0)
+        assert prov.pooled("a") == prov.pooled("b") == 18
+        s = prov.stats()
+        assert s["pool_rows_per_layer"] == 18 and s["pool_capacity_rows"] == 36 and s["pooled_rows"] == 36
+        assert s["pool_memory_bytes"] == 18 * 8 * ((24 + 40) + (40 + 16))
+        assert s["rows_precomputed"] == 36 and s["precompute_batches"] >= 36 // 4
+        batch = prov.take("a", 5)
+        assert torch.equal(batch.wr, field_matmul_reference(batch.r, pws["a"].w_q, p))
+    env_settings(SLIP_MASK_POOL_ROWS=0)
+    with PooledMaskProvider(pws, p) as prov:
+        assert prov.pool_rows == 0 and prov._thread is None and prov.low_water() == 0
+    env_settings(SLIP_MASK_POOL_ROWS=-1, SLIP_MASK_PRECOMPUTE_BACKEND="no-such-backend")
+    with pytest.raises(ValueError):
+        PooledMaskProvider(pws, p, start=False)
+    backend, why = select_precompute_backend(pws, p, "auto")
+    assert backend in available_backends("cpu") and backend != "reference" and why.startswith("auto")
+
+
+def test_refill_policy_low_water_and_idle_top_up():
+    """The filler's decisions, driven with explicit times (no waiting): nothing while a recently
+    drawn pool is above the low-water mark, a full batch once it falls to the mark, a top-up of
+    whatever is free once the pool has been idle; the emptiest pool first."""
+    p, pws, _, _ = _provider_and_layers({"a": (16, 24), "b": (24, 16)})
+    with PooledMaskProvider(pws, p, pool_rows=20, chunk_rows=6, start=False) as prov:
+        assert prov.low_water() == 20 - 6
+        now = 1e6
+        assert prov._next_refill(now)[0] is not None  # empty pools are below the mark
+        prov.prefill()
+        assert prov.pooled("a") == prov.pooled("b") == 20
+        assert prov._next_refill(now)[0] is None  # all full
+        prov.take("a", 3).destroy()  # 17 > low water 14
+        t = prov._layers["a"].last_take
+        pool, rows, wait = prov._next_refill(t + 0.01)
+        assert pool is None and 0 < wait <= masks_mod._TOPUP_IDLE_S  # it sleeps until the idle top-up
+        pool, rows, _ = prov._next_refill(t + masks_mod._TOPUP_IDLE_S + 0.01)
+        assert pool is prov._layers["a"] and rows == 6
+        assert prov._refill_once(pool, rows) and prov.pooled("a") == 20  # capped by the free space (3)
+        prov.take("a", 9).destroy()  # 11 <= 14: due at once, recently drawn or not
+        prov.take("b", 7).destroy()  # 13 <= 14
+        t = prov._layers["b"].last_take
+        pool, rows, _ = prov._next_refill(t)
+        assert pool is prov._layers["a"] and rows == 6  # the emptier one first
+        assert prov._refill_once(pool, rows) and prov.pooled("a") == 17
+        assert prov._next_refill(t)[0] is prov._layers["b"]
+        s = prov.stats()
+        assert s["pool_hits"] == 19 and s["pool_misses"] == 0 and s["rows_taken"] == 19
+        # within the window: empty at the start, full after prefill, now 17
+        assert (s["layers"]["a"]["min_level"], s["layers"]["a"]["level"], s["layers"]["a"]["max_level"]) == (0, 17, 20)
+        assert (s["pool_level_min"], s["pool_level_max"]) == (13, 17)
+
+
+def test_demand_above_refill_rate_unique_exact_and_counted():
+    """Small pools and many takes from several threads, larger than the pools: every row handed
+    out is unique, every image W_q r is exact (checked against big integers on kept copies), and
+    the counters add up."""
+    g = torch.Generator().manual_seed(3)
+    w16 = torch.randint(-20000, 20000, (12, 8), generator=g, dtype=torch.int16)  # two int8 planes
+    qs = {"a": torch.randint(-127, 128, (16, 24), generator=g, dtype=torch.int8),
+          "b": torch.randint(-127, 128, (24, 16), generator=g, dtype=torch.int8), "c": w16}
+    p = select_prime(list(qs.values()), act_bits=8)
+    pws = {k: PublicWeight(w, p) for k, w in qs.items()}
+    rec = MaskAuditRecorder()
+    kept, errors, requested = [], [], []
+    lock = threading.Lock()
+    with PooledMaskProvider(pws, p, pool_rows=6, chunk_rows=4, recorder=rec, backend="f64", nice=0) as prov:
+        assert prov.wait_filled(30.0)
+
+        def worker(seed):
+            rng = np.random.default_rng(seed)
+            try:
+                for i in range(50):
+                    layer = "abc"[int(rng.integers(0, 3))]
+                    rows = int(rng.integers(0, 13))  # up to twice the pool: part of it on demand
+                    batch = prov.take(layer, rows)
+                    assert batch.r.shape == (rows, pws[layer].n) and batch.wr.shape == (rows, pws[layer].m)
+                    with lock:
+                        requested.append(rows)
+                        if i % 5 == 0 and rows:
+                            kept.append((layer, batch.r.clone(), batch.wr.clone()))
+                    batch.destroy()
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        s = prov.stats()
+    total = sum(requested)
+    assert max(requested) > 6  # at least one take larger than its whole pool
+    assert rec.rows_recorded == total and rec.unique_rows == total and rec.duplicates == []
+    assert s["pool_hits"] + s["pool_misses"] == s["rows_taken"] == total
+    assert s["pool_hits"] > 0 and s["pool_misses"] > 0 and s["on_demand_seconds"] > 0
+    assert s["rows_generated"] == s["rows_precomputed"] + s["pool_misses"]
+    assert s["pooled_rows"] == sum(v["level"] for v in s["layers"].values()) <= 3 * 6
+    assert s["pool_level_min"] <= s["pool_level_max"] <= 6
+    for v in s["layers"].values():
+        assert 0 <= v["min_level"] <= v["level"] <= v["max_level"] <= v["capacity"] == 6
+    # the recent window holds at most everything since the start (timing-free relations only)
+    w = s["window_s"]
+    assert w > 0
+    assert 0 <= s["demand_rows_per_s"] * w <= total + 1e-6
+    assert 0 <= s["refill_rows_per_s"] * w <= s["rows_precomputed"] + 1e-6
+    assert 0 <= s["on_demand_rows_per_s"] * w <= s["pool_misses"] + 1e-6
+    assert 0 <= s["on_demand_seconds_per_s"] * w <= s["on_demand_seconds"] + 1e-6
+    assert s["background_error"] is None and s["backend"] == "f64"
+    assert kept
+    for layer, r, wr in kept:
+        assert int(r.min()) >= 0 and int(r.max()) < p
+        assert torch.equal(wr, field_matmul_reference(r, qs[layer], p)), layer
+
+
+def test_large_on_demand_take_is_made_in_pieces():
+    p, pws, _, _ = _provider_and_layers({"a": (20, 12)})
+    rec = MaskAuditRecorder()
+    with PooledMaskProvider(pws, p, pool_rows=0, recorder=rec) as prov:
+        prov._layers["a"].max_gemm_rows = 3  # as if a row's temporaries were large
+        batch = prov.take("a", 11)
+        assert torch.equal(batch.wr, field_matmul_reference(batch.r, pws["a"].w_q, p))
+        assert rec.unique_rows == 11 and prov.stats()["pool_misses"] == 11
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux only")
+def test_filler_runs_at_lower_priority():
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if base > 19 - 3:
+        pytest.skip("already at the lowest priority")
+    p, pws, _, _ = _provider_and_layers({"a": (16, 24)})
+    with PooledMaskProvider(pws, p, pool_rows=8, chunk_rows=8, nice=3) as prov:
+        assert prov.wait_filled(30.0)  # the filler lowered its priority before its first batch
+        assert os.getpriority(os.PRIO_PROCESS, prov._thread.native_id) == base + 3
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the rest is unchanged
+        assert prov.stats()["filler_nice"] == 3
