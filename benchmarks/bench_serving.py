@@ -149,7 +149,7 @@ def wait_pool_full(service, timeout: float = 120.0) -> float:
     from slip_vllm.settings import settings
 
     gemms = int(httpx.get(service.url + "/v1/info", timeout=30).json()["masked_gemms_per_step"])
-    target = settings().mask_pool_rows * gemms
+    target = settings().mask_pool_rows_per_layer() * gemms
     t0 = time.time()
     while time.time() - t0 < timeout:
         if service_stats(service.url)["shielded"]["masks"].get("pooled_rows", 0) >= target:
@@ -518,7 +518,7 @@ def main() -> int:
                            if k.startswith("layers.0.") or k == "lm_head")
         print(f"shielded: masked GEMMs per layer and LM head [m x n, secret rank K]: {shapes}; "
               f"KV cache {args.shielded_kv_blocks} blocks x {args.shielded_block_size}; mask pool "
-              f"{settings().mask_pool_rows} rows per GEMM (SLIP_MASK_POOL_ROWS)")
+              f"{settings().mask_pool_rows_per_layer()} rows per GEMM (SLIP_MASK_POOL_*)")
     print(f"workload: prompt {args.prompt_len} random token ids, output {args.output_len} tokens, greedy, "
           f"ignore_eos, streamed; stock/split levels {args.concurrency} with "
           f"{'max(8, 2 x concurrency)' if not args.requests_per_level else args.requests_per_level} requests, "
