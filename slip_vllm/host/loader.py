@@ -4,8 +4,9 @@ secret counterpart in the secure service.
 Steps (``vllm serve OUT/public --load-format slip``), protocol ``split``:
   1. read and verify the public manifest (its hash must match config.json's quantization_config);
   2. contact the secure service (``SLIP_SERVICE_URL`` or ``--model-loader-extra-config
-     '{"service_url": ...}'``) and check it holds the bundle paired with this manifest; fail start-up
-     with instructions otherwise;
+     '{"service_url": ...}'``) and check it holds the bundle paired with this manifest; for an
+     ``shm://`` address attach this worker's shared-memory channel now; fail start-up with
+     instructions otherwise;
   3. let vLLM load the public safetensors as usual, while recording which checkpoint tensor each
      layer's weight loader received (matched by tensor address) and with which shard id: this is
      how fused QKV / gate_up rows map to manifest tensors, for any architecture, without per-model
@@ -101,7 +102,20 @@ def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
         raise SlipLoadError(f"the service's prime {info.get('p')} is not the artifact's {public.p}")
     host = ShieldedHost(public, url, token=cfg.service_token, timeout=cfg.service_timeout_s,
                         spin_s=cfg.channel_spin_us * 1e-6)
+    connect(host.transport, url)
     model.bind(host, retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s)
+
+
+def connect(transport, url: str) -> None:
+    """Attach the worker's channel at load time (a no-op over HTTP)."""
+    from slip_vllm.host.transport import ServiceRefused, TransportError
+
+    try:
+        transport.connect()
+    except (ServiceRefused, TransportError) as exc:
+        raise SlipLoadError(f"cannot attach the shared-memory channel of the secure service at {url}: {exc}. "
+                            f"Check SLIP_SERVICE_TOKEN, and that the service runs on this machine (otherwise use "
+                            f"an http:// address)") from None
 
 
 def _row_order(shard_id) -> int:
@@ -255,6 +269,7 @@ class SlipModelLoader(DefaultModelLoader):
         client_mod.configure(client_mod.ClientConfig(
             url=self.service_url, manifest_sha256=digest, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
             retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s, spin_s=cfg.channel_spin_us * 1e-6))
+        connect(client_mod.get_client().transport, self.service_url)
         self._adopt_unconfigured_layers(model)
         self._wrap_loaders(model, manifest)
         super().load_weights(model, model_config)

@@ -92,6 +92,10 @@ class Transport:
         self.send(endpoint, header, payload)
         return self.receive(timeout)
 
+    def connect(self) -> None:
+        """Attach now instead of on the first call (the loader does, so that start-up fails with a
+        clear message rather than the first request)."""
+
     def close(self) -> None:
         pass
 
@@ -220,6 +224,10 @@ class ShmTransport(Transport):
     @property
     def session(self) -> int:
         return (self._ch or self._attach()).session
+
+    def connect(self) -> None:
+        if self._ch is None:
+            self._attach()
 
     # -- calls ---------------------------------------------------------------------------------
 
