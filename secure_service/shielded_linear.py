@@ -31,7 +31,8 @@ Online, per step:
         service's own x~; on any failure: alarm, destroy the masks, raise ``IntegrityError``
         (fail closed: the whole step is refused, nothing unmasked);
      c. y_q = centered_lift((y~ - W_q r) mod p), exact integers (= W_q x_q by the bound on p);
-     d. y = y_q * s_w * s_x in float64, + W_C x (float64, from the factors), + b; cast;
+     d. y = y_q * s_w * s_x in float64, + W_C x (float32, from the factors cached at construction:
+        ``quantize.LowRankFactors``; see its "Precision of W_C x"), + b; cast;
      e. overwrite the masks.
 Costs: step 1 and 3c-3d are O(n + m) per row online; 3b is O(t (n + m)) per row; the background
 precompute of W_q r is O(m n) per row (the price of information-theoretic hiding); W_C x is
@@ -43,7 +44,7 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
@@ -52,7 +53,9 @@ from secure_service.masks import MaskBatch, MaskProvider
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
     LowRank,
+    LowRankFactors,
     PublicWeight,
+    as_low_rank,
     centered_lift,
     check_prime,
     dequantize,
@@ -87,13 +90,15 @@ class ShieldedLinear:
     layer_id: the layer's id (also the mask provider's key); weight: the public ``PublicWeight``
     (W_q and p); w_scale: float [m] per-channel scales; masks: the ``MaskProvider`` (registered
     with the same W_q); key: the layer's ``FreivaldsKey`` (None: a fresh one); alarms: the
-    service's ``AlarmCounter`` (None: a private one); low_rank: (left [m, k], right [k, n]) with
-    W_C = left @ right; bias: float [m]; act_bits: activation fixed-point bits (16).
+    service's ``AlarmCounter`` (None: a private one); low_rank: W_C as a ``LowRankFactors`` (a
+    fused layer's per-part factors) or a pair (left [m, k], right [k, n]) with W_C = left @ right,
+    held from here on in the precision W_C x is computed in; bias: float [m]; act_bits: activation
+    fixed-point bits (16).
     """
 
     def __init__(self, layer_id: Hashable, weight: PublicWeight, w_scale: torch.Tensor, masks: MaskProvider, *,
                  key: Optional[FreivaldsKey] = None, alarms: Optional[AlarmCounter] = None,
-                 low_rank: Optional[LowRank] = None, bias: Optional[torch.Tensor] = None,
+                 low_rank: Optional[Union[LowRank, LowRankFactors]] = None, bias: Optional[torch.Tensor] = None,
                  act_bits: int = DEFAULT_ACT_BITS, out_dtype: torch.dtype = torch.float32):
         if not isinstance(weight, PublicWeight):
             raise TypeError("weight must be a PublicWeight")
@@ -114,10 +119,10 @@ class ShieldedLinear:
             raise ValueError("Freivalds key does not match the layer")
         self.alarms = alarms if alarms is not None else AlarmCounter()
         if low_rank is not None:
-            left, right = low_rank
-            if left.shape[0] != self.m or right.shape[1] != self.n or left.shape[1] != right.shape[0]:
+            low_rank = as_low_rank(low_rank)  # converted once, not per step
+            if (low_rank.m, low_rank.n) != (self.m, self.n):
                 raise ValueError(f"low-rank factors must be [{self.m}, k] and [k, {self.n}]")
-        self.low_rank = low_rank
+        self.low_rank: Optional[LowRankFactors] = low_rank
         if bias is not None and bias.shape != (self.m,):
             raise ValueError(f"bias must be [{self.m}]")
         self.bias = bias
@@ -178,7 +183,7 @@ class ShieldedLinear:
         y_q, x_scale, x = self.unmask_quantized(ticket, y_masked)
         y = dequantize(y_q, self.w_scale, x_scale)
         if self.low_rank is not None:
-            y = y + low_rank_term(x, self.low_rank)
+            y = y + low_rank_term(x, self.low_rank).to(torch.float64)
         if self.bias is not None:
             y = y + self.bias.to(torch.float64)[None, :]
         return y.to(self.out_dtype)

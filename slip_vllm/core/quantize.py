@@ -8,6 +8,9 @@ What this module owns
 * ``quantize_activations``: per-token (per-row) symmetric fixed point of x [T, n] to int64 values
   in [-(2^(b-1)-1), 2^(b-1)-1] (b = 16 by default), scales float64 [T];
 * ``centered_lift`` (Z_p -> signed integers) and ``dequantize``;
+* ``LowRankFactors`` / ``low_rank_term``: the secret term W_C x of a (fused) protected linear, with
+  its factors held once in the compute precision (float32, see "Precision of W_C x" below) and the
+  left factor of a fused GEMM kept as one block per part instead of a dense block-diagonal matrix;
 * ``required_modulus`` / ``select_prime`` / ``check_prime``: the prime of brief §6,
   p > 2*n*max|W_q|*max|x_q| for every layer, refused with a ValueError when it cannot be below
   2^40 (the limit of the host's exact field GEMM);
@@ -33,6 +36,27 @@ lift's range.  The reference computes y itself in int64 (|y| < 2^46 for n <= 2^1
 operands, far from 2^63), so "protocol == reference" tests the whole field path: masking, the host's
 mod-p GEMM, unmasking and the lift.
 
+Precision of W_C x
+------------------
+``low_rank_term`` computes W_C x = left (right x) in float32 from float32 factors, converted once
+(``LowRankFactors``; ``decompose.split_matrix`` already stores them in float32), not in float64
+from factors converted on every call (at the Llama-3-8B gate_up shape, one decode row: about
+200 ms with the per-call conversion, 16 ms with float64 factors converted once, 8 ms in float32
+with per-part blocks; ``benchmarks/bench_shielded_steps.py --parts low_rank``).
+float32 is enough here because
+* the model being served is a float32 (or lower-precision) model: its own x @ W^T is a float32
+  product, x arrives in float32 and the layer's result is cast to float32 at the end, so float32
+  accumulation of the W_C x term (relative error about sqrt(K + n) * 2^-24 for the typical case,
+  K + n terms) is of the order of the rounding the original model itself makes;
+* it is far below the error the protocol already accepts in the same sum: the W_D x term carries
+  the int8 weight quantization (about 2^-8 / sqrt(12) relative per weight) and the 16-bit
+  activation fixed point (2^-16 relative per row);
+* exactness of the protocol does not depend on it: the masked protocol and this module's reference
+  call the same ``low_rank_term`` on the same float32 factors and the same x, so they agree bit for
+  bit whatever the precision (the integers y_q are exact either way).
+The rest of the finishing sum (dequantize, + W_C x, + bias) stays in float64 (exact for the
+integers, O(m) per row) and is cast to ``out_dtype`` once.
+
 int16 weights.  ``field.field_matmul`` multiplies by int8 weights only (its limb bounds need
 |w| <= 2^7).  An int16 weight is used through two balanced base-256 digit planes
 W_q = 256*W_hi + W_lo with W_lo in [-128, 127] and W_hi in [-127, 127]; that needs
@@ -45,7 +69,7 @@ activations only fit tiny layers; with ``act_bits=8`` they fit n up to about 2^1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Tuple, Union
+from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -60,6 +84,9 @@ __all__ = [
     "quantize_activations",
     "centered_lift",
     "dequantize",
+    "LOW_RANK_DTYPE",
+    "LowRankFactors",
+    "as_low_rank",
     "low_rank_term",
     "required_modulus",
     "select_prime",
@@ -72,7 +99,7 @@ __all__ = [
 WEIGHT_QMAX = {8: 127, 16: 127 * 256 + 127}  # int16 stops at 32639: see "int16 weights" above
 DEFAULT_ACT_BITS = 16
 
-LowRank = Tuple[torch.Tensor, torch.Tensor]  # (left [m, k], right [k, n]): W_C = left @ right
+LowRank = Tuple[torch.Tensor, torch.Tensor]  # (left [m, k], right [k, n]): W_C = left @ right (one part)
 
 
 def act_qmax(bits: int = DEFAULT_ACT_BITS) -> int:
@@ -162,11 +189,129 @@ def dequantize(y_q: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor) 
     return y_q.to(torch.float64) * w_scale.to(torch.float64)[None, :] * x_scale.to(torch.float64)[:, None]
 
 
-def low_rank_term(x: torch.Tensor, low_rank: LowRank) -> torch.Tensor:
-    """W_C x = (x @ right^T) @ left^T in float64 (x [T, n], left [m, k], right [k, n])."""
+# ---------------------------------------------------------------------------------------------
+# the secret low-rank term W_C x
+# ---------------------------------------------------------------------------------------------
+
+LOW_RANK_DTYPE = torch.float32  # the compute precision of W_C x: see "Precision of W_C x" above
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``LOW_RANK_DTYPE`` copy of t in new (allocator-aligned) storage."""
+    out = torch.empty(tuple(t.shape), dtype=LOW_RANK_DTYPE)
+    out.copy_(t.detach())
+    return out
+
+
+class LowRankFactors:
+    """W_C = blockdiag(left_1, ..., left_P) @ right of one (fused) protected linear, held in
+    ``LOW_RANK_DTYPE`` (converted once, here).
+
+    right [K, n] stacks the right factors of the P fused parts (q, k, v or gate, up; P = 1 for an
+    unfused layer); part i owns output rows ``rows[i]`` = (r0, r1) and columns ``cols[i]`` = (c0, c1)
+    of the stack, and its left factor ``lefts[i]`` is [r1 - r0, c1 - c0].  ``apply(x)`` is then one
+    [T, n] x [n, K] product followed by one small product per part written into its output rows,
+    instead of a product with a dense, mostly zero [m, K] left factor.  ``dense_left()`` rebuilds
+    the dense block-diagonal left factor (the secret bundle's on-disk form).
+
+    The factors, and x in ``apply``, are copied into freshly allocated storage: BLAS results can
+    depend on the operands' memory alignment (measured: a one-row product differs in its last bit
+    between a factor read in place from a safetensors buffer, at a 40-byte offset, and an aligned
+    copy), and a bundle's factors must give what the checkpoint's give, bit for bit.
+    """
+
+    def __init__(self, lefts: Sequence[torch.Tensor], right: torch.Tensor,
+                 cols: Optional[Sequence[Tuple[int, int]]] = None):
+        if not isinstance(right, torch.Tensor) or right.dim() != 2:
+            raise ValueError("right must be a 2-D tensor [K, n]")
+        if not lefts or any(not isinstance(l, torch.Tensor) or l.dim() != 2 for l in lefts):
+            raise ValueError("lefts must be one or more 2-D tensors [m_i, k_i]")
+        if cols is None:
+            bounds, c = [], 0
+            for left in lefts:
+                bounds.append((c, c + int(left.shape[1])))
+                c += int(left.shape[1])
+            cols = bounds
+        cols = tuple((int(a), int(b)) for a, b in cols)
+        k = int(right.shape[0])
+        if len(cols) != len(lefts) or cols[0][0] != 0 or cols[-1][1] != k or any(
+                a > b for a, b in cols) or any(cols[i][1] != cols[i + 1][0] for i in range(len(cols) - 1)):
+            raise ValueError(f"the parts' columns {cols} do not tile the {k} rows of right")
+        if any(int(l.shape[1]) != b - a for l, (a, b) in zip(lefts, cols)):
+            raise ValueError("a left block's width differs from its column range")
+        rows, r = [], 0
+        for left in lefts:
+            rows.append((r, r + int(left.shape[0])))
+            r += int(left.shape[0])
+        self.lefts = tuple(_fresh(l) for l in lefts)
+        self.right = _fresh(right)
+        self.rows, self.cols = tuple(rows), cols
+        self.m, self.n, self.rank = r, int(right.shape[1]), k
+
+    @classmethod
+    def block_diagonal(cls, left: torch.Tensor, right: torch.Tensor, parts: Sequence[int]) -> "LowRankFactors":
+        """From a dense left [m, K] that is block diagonal over the fused parts (output sizes
+        ``parts``, in order) and the stacked right [K, n].
+
+        The column range of each part is read off the zero pattern: part i ends after its last
+        column with a nonzero entry (at least where part i - 1 ended; the last part ends at K).  A
+        nonzero entry outside the blocks so found raises ValueError.  Because the ranges come from
+        the values alone, the same dense left always gives the same blocks, which is what makes
+        ``from_bundle`` (dense left on disk) and ``from_checkpoint`` bit-identical; an all-zero
+        column at a boundary (a zero secret direction) is simply counted in the next part, where it
+        adds nothing.
+        """
+        parts = [int(x) for x in parts]
+        if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0] or sum(parts) != left.shape[0]:
+            raise ValueError(f"left {tuple(left.shape)} / right {tuple(right.shape)} do not fit the parts {parts}")
+        k = int(left.shape[1])
+        lefts, cols, r0, c0 = [], [], 0, 0
+        for i, mi in enumerate(parts):
+            block = left[r0:r0 + mi]
+            nz = torch.nonzero(block.ne(0).any(dim=0)).flatten()
+            if nz.numel() and int(nz[0]) < c0:
+                raise ValueError(f"part {i} (rows {r0}:{r0 + mi}) has nonzero entries left of its block: "
+                                 "the left factor is not block diagonal over the parts")
+            c1 = k if i == len(parts) - 1 else max(c0, int(nz[-1]) + 1 if nz.numel() else c0)
+            lefts.append(block[:, c0:c1])
+            cols.append((c0, c1))
+            r0, c0 = r0 + mi, c1
+        return cls(lefts, right, cols)
+
+    def dense_left(self) -> torch.Tensor:
+        """The block-diagonal left factor [m, K] (float32), built on demand."""
+        out = torch.zeros(self.m, self.rank, dtype=LOW_RANK_DTYPE)
+        for left, (r0, r1), (c0, c1) in zip(self.lefts, self.rows, self.cols):
+            out[r0:r1, c0:c1] = left
+        return out
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """W_C x for x [T, n]: float32 [T, m]."""
+        if x.dim() != 2 or x.shape[1] != self.n:
+            raise ValueError(f"x must be [T, {self.n}]")
+        z = _fresh(x) @ self.right.t()                                # [T, K]
+        if len(self.lefts) == 1:
+            return z @ self.lefts[0].t()
+        out = torch.empty(int(x.shape[0]), self.m, dtype=LOW_RANK_DTYPE)
+        for left, (r0, r1), (c0, c1) in zip(self.lefts, self.rows, self.cols):
+            out[:, r0:r1] = z[:, c0:c1] @ left.t()
+        return out
+
+
+def as_low_rank(low_rank: Union[LowRank, LowRankFactors]) -> LowRankFactors:
+    """A ``LowRankFactors`` as is; a pair (left [m, k], right [k, n]) as one part (converted now)."""
+    if isinstance(low_rank, LowRankFactors):
+        return low_rank
     left, right = low_rank
-    x64 = x.detach().to(torch.float64)
-    return (x64 @ right.to(torch.float64).t()) @ left.to(torch.float64).t()
+    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0]:
+        raise ValueError("low-rank factors must be left [m, k] and right [k, n]")
+    return LowRankFactors([left], right)
+
+
+def low_rank_term(x: torch.Tensor, low_rank: Union[LowRank, LowRankFactors]) -> torch.Tensor:
+    """W_C x (x [T, n]) in ``LOW_RANK_DTYPE``: float32 [T, m].  Pass a ``LowRankFactors`` built once;
+    a (left, right) pair is converted on every call."""
+    return as_low_rank(low_rank).apply(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,19 +463,21 @@ def shielded_linear_reference_int(x_float: torch.Tensor, w_q: torch.Tensor, p: i
 
 
 def shielded_linear_reference(x_float: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, p: int, *,
-                              act_bits: int = DEFAULT_ACT_BITS, low_rank: Optional[LowRank] = None,
+                              act_bits: int = DEFAULT_ACT_BITS,
+                              low_rank: Optional[Union[LowRank, LowRankFactors]] = None,
                               bias: Optional[torch.Tensor] = None,
                               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The fixed-point specification of one protected linear, y ~= x @ (W_C + W_D)^T + b.
 
-    y = dequantize(W_q x_q) [+ W_C x] [+ b], all in float64, cast to ``out_dtype`` at the end.  The
-    masked protocol (``secure_service.shielded_linear``) must return the same integers y_q and,
-    running the same float steps on them, the same floats bit for bit.
+    y = dequantize(W_q x_q) [+ W_C x] [+ b] in float64, with W_C x computed by ``low_rank_term`` in
+    float32 (see "Precision of W_C x"), cast to ``out_dtype`` at the end.  The masked protocol
+    (``secure_service.shielded_linear``) must return the same integers y_q and, running the same
+    float steps on them, the same floats bit for bit.
     """
     y_q, x_scale = shielded_linear_reference_int(x_float, w_q, p, act_bits)
     y = dequantize(y_q, w_scale, x_scale)
     if low_rank is not None:
-        y = y + low_rank_term(x_float, low_rank)
+        y = y + low_rank_term(x_float, low_rank).to(torch.float64)
     if bias is not None:
         y = y + bias.to(torch.float64)[None, :]
     return y.to(out_dtype)

@@ -15,6 +15,7 @@ from secure_service.masks import PooledMaskProvider
 from secure_service.shielded_linear import ShieldedLinear
 from slip_vllm.core.field import choose_prime, field_matmul
 from slip_vllm.core.quantize import (
+    LowRankFactors,
     PublicWeight,
     act_qmax,
     centered_lift,
@@ -79,6 +80,31 @@ def test_masked_protocol_equals_reference_bit_for_bit(m, n):
         assert y.dtype == ref.dtype == torch.float32
         assert torch.equal(y, ref)  # bit for bit
     assert lin.pending == 0
+
+
+def test_the_layer_holds_its_factors_once_in_compute_precision():
+    """Factors are converted at construction (not per step) and computed with as float32; a fused
+    layer's per-part factors are used as given and match the reference bit for bit."""
+    m, n = 96, 64
+    g = torch.Generator().manual_seed(5)
+    q = quantize_weight(torch.randn(m, n, generator=g) / n ** 0.5)
+    p = select_prime([q.w_q])
+    pw = PublicWeight(q.w_q, p)
+    prov = PooledMaskProvider({"L": pw}, p, pool_rows=0)
+    as_pair = (torch.randn(m, 6, generator=g, dtype=torch.float64), torch.randn(6, n, generator=g, dtype=torch.float64))
+    lin = ShieldedLinear("L", pw, q.scale, prov, low_rank=as_pair)
+    assert isinstance(lin.low_rank, LowRankFactors)
+    assert lin.low_rank.right.dtype == lin.low_rank.lefts[0].dtype == torch.float32
+    fused = LowRankFactors([torch.randn(64, 4, generator=g), torch.randn(32, 2, generator=g)],
+                           torch.randn(6, n, generator=g))
+    lin2 = ShieldedLinear("L", pw, q.scale, prov, low_rank=fused)
+    assert lin2.low_rank is fused
+    with pytest.raises(ValueError, match="low-rank factors"):
+        ShieldedLinear("L", pw, q.scale, prov, low_rank=LowRankFactors([torch.zeros(m, 2)], torch.zeros(2, n + 1)))
+    x = torch.randn(5, n, generator=g)
+    _, ticket, y_masked = _run(lin2, x)
+    assert torch.equal(lin2.unmask(ticket, y_masked), shielded_linear_reference(x, q.w_q, q.scale, p, low_rank=fused))
+    prov.close()
 
 
 def test_extreme_products_hit_the_lift_boundary():
