@@ -56,14 +56,16 @@ reports it.  Demand above the pool (a long prefill) is made on demand, in the ta
 
 The background filler
 ---------------------
-* Batches: the images are one GEMM per batch, whose rows/s grows with the batch
-  (``benchmarks/bench_masks.py`` measures it per backend and batch size; the default
-  ``SLIP_MASK_PRECOMPUTE_CHUNK`` is the smallest batch within 10 % of the best rate measured there,
-  and the backend is chosen by ``select_precompute_backend``).  A layer is refilled when its pool
-  (ready + being made) falls to the low-water mark capacity - min(chunk, capacity/2), so a refill
-  is never smaller than min(chunk, capacity/2) rows while demand continues; a layer whose pool has
-  not been drawn from for ``_TOPUP_IDLE_S`` is topped up to full in any batch size (so bursts find
-  full pools).  The emptiest pool (by fraction of its capacity) goes first.  A taker that pushes a
+* Batches: the images are one GEMM per batch, whose rows/s grows with the batch up to about 128
+  rows and falls again at 512 (``benchmarks/bench_masks.py``, per backend and batch size, measured
+  on an AVX2 EPYC and an AMX Xeon: docs/BENCHMARKS.md), hence ``SLIP_MASK_PRECOMPUTE_CHUNK`` = 128;
+  the backend is chosen by ``select_precompute_backend``.  A layer is refilled when its pool
+  (ready + being made) falls to the low-water mark capacity - min(chunk, capacity/2), so while
+  demand continues a refill is min(chunk, capacity/2) rows or more (capped only by a layer's
+  ``max_gemm_rows``, which bounds one GEMM's temporaries to 256 MiB: the LM head of a 128k-token
+  vocabulary gets about 30 rows per GEMM); a layer whose pool has not been drawn from for
+  ``_TOPUP_IDLE_S`` (1 s) is topped up to full in any batch size, so a burst after a pause finds
+  full pools.  The emptiest pool (by fraction of its capacity) goes first.  A taker that pushes a
   pool to the low-water mark (or takes from a full one) wakes the filler at once.
 * No lock is held while computing: the filler reserves rows under the layer's lock, makes them
   without any lock, then publishes the finished batch under the lock.  Takers never wait for the
@@ -247,7 +249,8 @@ class MaskStats:
     rows_generated: int = 0       # rows made (background + prefill + on demand)
     rows_precomputed: int = 0     # rows made ahead of demand (background thread and prefill)
     precompute_batches: int = 0   # batches those rows were made in
-    precompute_seconds: float = 0.0  # time spent making pairs ahead of demand
+    precompute_seconds: float = 0.0  # wall time spent making pairs ahead of demand (the niced filler's
+    #                                  batches include the time the online path preempted them)
     on_demand_seconds: float = 0.0   # time takers spent making pairs themselves (on the critical path)
     pooled_rows: int = 0          # rows in the pools now
 
@@ -377,7 +380,8 @@ def select_precompute_backend(weights: Mapping[Hashable, PublicWeight], p: int,
 
 _WINDOW_S = 10.0         # the recent window of the rates and level ranges in stats()
 _BUCKETS = 20            # the window is kept in this many buckets (so it is exact to 1/20)
-_TOPUP_IDLE_S = 0.2      # a pool not drawn from for this long is topped up to full in any batch size
+_TOPUP_IDLE_S = 1.0      # a pool not drawn from for this long is topped up to full in any batch size
+#                         (longer than a typical engine step, so steady decoding refills in big batches)
 _CHUNK_TEMP_BYTES = 256 << 20  # rows per GEMM call are capped so its temporaries stay below this
 _FILLER_POLL_S = 1.0     # the filler re-checks its state at least this often
 
