@@ -253,16 +253,24 @@ def test_int16_weights_agree_greedily(models, name):
 
 
 def test_default_logits_rows_are_last_tokens(models):
+    """Without logits_indices the LM head runs on the last token of every sequence only.  Those
+    logits equal the fixed-point specification of the same request bit for bit, and the same rows'
+    logits computed among all token rows up to the float32 rounding of the head's W_C x (BLAS
+    picks its kernel by the number of rows, so a row's last bits may depend on how many rows share
+    the product; measured max |d| 4.8e-7 at |logits| <= 4.5, asserted <= 1e-5)."""
     model_dir = models("qwen3")
     sh = _build(model_dir, "shielded")
     seqs, steps = _scenario(sh.vocab, seed=5)
     host = _Host(sh)
     last = _run(sh, steps[:3], host, all_rows=False)
-    fx = _build(model_dir, "fixed_point")
-    every = {(sid, j): lg for sid, j, lg in _run(fx, steps[:3])}
-    assert len(last) == sum(len(s) for s in SCHEDULE[:3])
-    for sid, j, lg in last:
-        assert torch.equal(lg, every[(sid, j)])
+    fx_last = _run(_build(model_dir, "fixed_point"), steps[:3], all_rows=False)
+    every = {(sid, j): lg for sid, j, lg in _run(_build(model_dir, "fixed_point"), steps[:3])}
+    assert len(last) == len(fx_last) == sum(len(s) for s in SCHEDULE[:3])
+    for (sid, j, lg), (sid2, j2, ref) in zip(last, fx_last):
+        assert (sid, j) == (sid2, j2) and torch.equal(lg, ref)
+    regrouped = max((lg - every[(sid, j)]).abs().max().item() for sid, j, lg in last)
+    print(f"last-token logits vs the same rows among all rows: max |d| = {regrouped:.2e}")
+    assert regrouped <= 1e-5
     # the LM head call carries only the requested rows
     assert [t for k, t in host.calls if k == "lm_head"] == [len(s) for s in SCHEDULE[:3]]
 
