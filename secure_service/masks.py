@@ -85,7 +85,6 @@ without being overwritten.
 from __future__ import annotations
 
 import abc
-import functools
 import hashlib
 import logging
 import math
@@ -100,7 +99,7 @@ from typing import Dict, Hashable, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from slip_vllm.core.field import FieldWeight, available_backends, choose_prime, limb_count
+from slip_vllm.core.field import limb_count, select_cpu_backend
 from slip_vllm.core.quantize import PublicWeight
 from slip_vllm.settings import settings
 
@@ -291,87 +290,17 @@ class MaskProvider(abc.ABC):
 # which field GEMM makes W_q r
 # ---------------------------------------------------------------------------------------------
 
-_PROBE_SHAPE = (1024, 1024)  # (m, n) of the probe weight of select_precompute_backend
-_PROBE_ROWS = (4, 64)        # stage 1 (every candidate) and stage 2 (the survivors) batch rows
-_PROBE_KEEP = 4.0            # stage 1 keeps the candidates at most this many times slower than the best
-
-
 def _f64_copy_bytes(weights: Mapping[Hashable, PublicWeight]) -> int:
     """Bytes of the float64 copies of W_q the ``f64`` backend caches (one per int8 digit plane)."""
     return sum(8 * w.m * w.n * (1 if w.bits == 8 else 2) for w in weights.values())
 
 
-def _physical_memory_bytes() -> Optional[int]:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-@functools.lru_cache(maxsize=8)
-def _probe_backends(limbs: int) -> Tuple[Tuple[str, float], ...]:
-    """((backend, rows/s), ...) of the exact CPU backends making W r mod p for a random int8
-    1024 x 1024 probe, fastest first; measured once per process and limb count (the int8 limb
-    backends' cost grows with the 8-bit limbs of p; ``f64`` always uses two 20-bit limbs), with the
-    smallest prime of that many limbs.
-
-    Stage 1 times every candidate on 4 rows (after one warm-up call, which also builds its packed
-    copy of W); stage 2 times the candidates within 4x of the best on 64 rows (best of two).  The
-    probe's rows come from a seeded non-cryptographic generator: they are only timed, never used.
-    """
-    p = choose_prime(256 ** (limbs - 1))
-    g = torch.Generator().manual_seed(0)
-    m, n = _PROBE_SHAPE
-    fw = FieldWeight(torch.randint(-127, 128, (m, n), generator=g, dtype=torch.int8), p)
-    x = torch.randint(0, p, (_PROBE_ROWS[-1], n), generator=g, dtype=torch.int64)
-    candidates = [b for b in available_backends("cpu") if b != "reference"]
-
-    def rate(backend: str, rows: int, reps: int) -> float:
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fw.matmul(x[:rows], backend=backend)
-            best = min(best, time.perf_counter() - t0)
-        return rows / max(best, 1e-9)
-
-    stage1 = {}
-    for b in candidates:
-        fw.matmul(x[:1], backend=b)  # warm-up: packed copies, kernels
-        stage1[b] = rate(b, _PROBE_ROWS[0], 1)
-    top = max(stage1.values())
-    stage2 = {b: rate(b, _PROBE_ROWS[1], 2) for b, r in stage1.items() if r * _PROBE_KEEP >= top}
-    ranked = sorted(stage2.items(), key=lambda kv: -kv[1]) + sorted(
-        ((b, r) for b, r in stage1.items() if b not in stage2), key=lambda kv: -kv[1])
-    return tuple(ranked)
-
-
 def select_precompute_backend(weights: Mapping[Hashable, PublicWeight], p: int,
                               requested: str = "auto") -> Tuple[str, str]:
-    """(backend, why) for making the mask images W_q r of these CPU weights.
-
-    requested: a backend name of ``field.available_backends("cpu")`` (used as is), or "auto": the
-    fastest exact backend measured by ``_probe_backends`` (once per process and limb count of p),
-    except that ``f64`` is skipped when its float64 copies of the weights (8 bytes per weight, per
-    int8 digit plane) would exceed a quarter of the machine's physical memory; the next fastest is
-    used then.  Measured on this repository's machines (``benchmarks/bench_masks.py``): ``f64`` on
-    an AVX2-only AMD EPYC (whose int8 GEMM has no VNNI: 10-100x slower), ``cpu_int8`` on a Xeon
-    with AVX512-VNNI/AMX (2-4x faster than ``f64``); so the choice is made where the service runs.
-    """
-    names = [b for b in available_backends("cpu") if b != "reference"]
-    if requested != "auto":
-        if requested not in names + ["reference"]:
-            raise ValueError(f"unknown mask precompute backend {requested!r}; known: auto, {', '.join(names)}")
-        return requested, "requested"
-    ranked = _probe_backends(limb_count(p))
-    f64_bytes, phys = _f64_copy_bytes(weights), _physical_memory_bytes()
-    skipped = ""
-    for backend, rows_s in ranked:
-        if backend == "f64" and phys is not None and 4 * f64_bytes > phys:
-            skipped = f"; f64 skipped: its float64 weight copies would take {f64_bytes / 2**30:.1f} GiB"
-            continue
-        probe = ", ".join(f"{b} {r:.0f}" for b, r in ranked)
-        return backend, f"auto: fastest on a {_PROBE_SHAPE[0]}x{_PROBE_SHAPE[1]} probe (rows/s: {probe}){skipped}"
-    return ranked[0][0], "auto: no backend fits the memory rule, fastest used"  # pragma: no cover
+    """(backend, why) for making the mask images W_q r of these CPU weights: ``field.select_cpu_backend``
+    (the fastest exact backend measured on this machine, ``f64`` skipped when its float64 copies of
+    the weights would exceed a quarter of the physical memory)."""
+    return select_cpu_backend(limb_count(p), _f64_copy_bytes(weights), requested)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ What this module owns
 * ``field_matmul(x_masked, w_q, p)``: ``(x_masked @ w_q.T) mod p`` in [0, p), exact, on the device
   of the inputs, with one backend per device;
 * ``FieldWeight``: a weight prepared once (packed / transposed per backend, plus a per-channel
-  correction vector), because the host multiplies the same weight at every step.
+  correction vector), because the host multiplies the same weight at every step;
+* ``select_cpu_backend``: which exact CPU backend to use on this machine, by measurement (used by
+  the host's GEMMs and the service's mask precompute alike).
 
 Where it runs and what it holds
 -------------------------------
@@ -50,9 +52,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import os
 import sys
+import time
 from dataclasses import dataclass, field as _dc_field
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -367,3 +372,82 @@ def field_matmul(
         x = x.contiguous()
         out = _BACKENDS[name](x, fw, **backend_kw) if backend_kw else _BACKENDS[name](x, fw)
     return out[0] if squeeze else out
+
+
+# ---------------------------------------------------------------------------------------------
+# which exact CPU backend is fastest here (measured, because it differs by up to 100x)
+# ---------------------------------------------------------------------------------------------
+
+_PROBE_SHAPE = (1024, 1024)  # (m, n) of the probe weight
+_PROBE_ROWS = (4, 64)        # stage 1 (every candidate) and stage 2 (the survivors) batch rows
+_PROBE_KEEP = 4.0            # stage 1 keeps the candidates at most this many times slower than the best
+
+
+def _physical_memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def measured_cpu_backends(limbs: int) -> Tuple[Tuple[str, float], ...]:
+    """((backend, rows/s), ...) of the exact CPU backends for a random int8 1024 x 1024 probe,
+    fastest first; measured once per process and limb count (the int8 limb backends' cost grows
+    with the 8-bit limbs of p; ``f64`` always uses two 20-bit limbs), with the smallest prime of
+    that many limbs.  Measured on this repository's machines: ``f64`` wins on an AVX2-only AMD EPYC
+    (whose int8 GEMM has no VNNI: 10-100x slower), ``cpu_int8`` on a Xeon with AVX512-VNNI/AMX (2-4x
+    faster than ``f64``); so the choice is made on the machine that computes.
+
+    Stage 1 times every candidate on 4 rows (after one warm-up call, which also builds its packed
+    copy of W); stage 2 times the candidates within 4x of the best on 64 rows (best of two).  The
+    probe's rows come from a seeded non-cryptographic generator: they are only timed, never used.
+    """
+    p = choose_prime(256 ** (limbs - 1))
+    g = torch.Generator().manual_seed(0)
+    m, n = _PROBE_SHAPE
+    fw = FieldWeight(torch.randint(-127, 128, (m, n), generator=g, dtype=torch.int8), p)
+    x = torch.randint(0, p, (_PROBE_ROWS[-1], n), generator=g, dtype=torch.int64)
+    candidates = [b for b in available_backends("cpu") if b != "reference"]
+
+    def rate(backend: str, rows: int, reps: int) -> float:
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fw.matmul(x[:rows], backend=backend)
+            best = min(best, time.perf_counter() - t0)
+        return rows / max(best, 1e-9)
+
+    stage1 = {}
+    for b in candidates:
+        fw.matmul(x[:1], backend=b)  # warm-up: packed copies, kernels
+        stage1[b] = rate(b, _PROBE_ROWS[0], 1)
+    top = max(stage1.values())
+    stage2 = {b: rate(b, _PROBE_ROWS[1], 2) for b, r in stage1.items() if r * _PROBE_KEEP >= top}
+    ranked = sorted(stage2.items(), key=lambda kv: -kv[1]) + sorted(
+        ((b, r) for b, r in stage1.items() if b not in stage2), key=lambda kv: -kv[1])
+    return tuple(ranked)
+
+
+def select_cpu_backend(limbs: int, f64_bytes: int, requested: str = "auto") -> Tuple[str, str]:
+    """(backend, why) for exact CPU field GEMMs with this many limbs of p.
+
+    requested: a backend of ``available_backends("cpu")`` (used as is) or "auto": the fastest by
+    ``measured_cpu_backends``, except that ``f64`` is skipped when its float64 copies of the weights
+    (``f64_bytes``) would exceed a quarter of the machine's physical memory.
+    """
+    names = [b for b in available_backends("cpu") if b != "reference"]
+    if requested != "auto":
+        if requested not in names + ["reference"]:
+            raise ValueError(f"unknown CPU field backend {requested!r}; known: auto, {', '.join(names)}")
+        return requested, "requested"
+    ranked = measured_cpu_backends(limbs)
+    phys = _physical_memory_bytes()
+    skipped = ""
+    for backend, _ in ranked:
+        if backend == "f64" and phys is not None and 4 * f64_bytes > phys:
+            skipped = f"; f64 skipped: its float64 weight copies would take {f64_bytes / 2**30:.1f} GiB"
+            continue
+        probe = ", ".join(f"{b} {r:.0f}" for b, r in ranked)
+        return backend, f"auto: fastest on a {_PROBE_SHAPE[0]}x{_PROBE_SHAPE[1]} probe (rows/s: {probe}){skipped}"
+    return ranked[0][0], "auto: no backend fits the memory rule, fastest used"  # pragma: no cover

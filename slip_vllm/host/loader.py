@@ -262,8 +262,9 @@ class SlipModelLoader(DefaultModelLoader):
         cfg = settings()
         if manifest.protocol == "shielded":
             bind_shielded(model, model_config.model, self.service_url, digest)
-            log.info("SLIP shielded: %d masked GEMMs per step bound to the secure service at %s (manifest %s)",
-                     len(model.host.layer_keys), self.service_url, digest[:16])
+            log.info("SLIP shielded: %d masked GEMMs per step bound to the secure service at %s (manifest %s); "
+                     "field GEMM backend %s (%s)", len(model.host.layer_keys), self.service_url, digest[:16],
+                     model.host.backend, model.host.backend_reason)
             return
         check_service(self.service_url, digest, cfg.startup_wait_s)
         client_mod.configure(client_mod.ClientConfig(

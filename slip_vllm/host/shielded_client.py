@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file
 
-from slip_vllm.core.field import FieldWeight, field_matmul
+from slip_vllm.core.field import FieldWeight, field_matmul, limb_count, select_cpu_backend
 from slip_vllm.core.manifest import ManifestError, read_public_manifest, sha256_bytes
 from slip_vllm.core.wire import (
     EP_SHIELDED_GEMM, EP_SHIELDED_LOGITS, EP_SHIELDED_STEP, MSG_ANSWER, MSG_ASK, MSG_LOGITS, MSG_READY, MSG_ROWS,
@@ -99,6 +99,11 @@ class ShieldedHost:
         self.p = public.p
         self.layer_keys: List[str] = public.layer_keys
         self.weights: Dict[str, FieldWeight] = public.weights
+        # the exact CPU GEMM differs by up to 100x between machines: measured once per process
+        self.backend, self.backend_reason = None, "default for the device"
+        if all(w.w_q.device.type == "cpu" for w in self.weights.values()):
+            self.backend, self.backend_reason = select_cpu_backend(
+                limb_count(self.p), sum(8 * w.m * w.n for w in self.weights.values()))
         self.url = service_url.rstrip("/")
         self.transport = open_transport(self.url, self.manifest_sha256, token=token, timeout_s=timeout, spin_s=spin_s)
         self.seq = 0
@@ -124,7 +129,7 @@ class ShieldedHost:
 
     def compute(self, key: str, x_masked: torch.Tensor) -> torch.Tensor:
         """Step 3: y~ = W_q[key] x~ mod p."""
-        return field_matmul(x_masked, self.weights[key], self.p)
+        return field_matmul(x_masked, self.weights[key], self.p, backend=self.backend)
 
     def step(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
              logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
