@@ -313,6 +313,8 @@ def bench_shielded(tokens, threads, reps):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
+    ap.add_argument("--shielded-tokens", type=int, nargs="+", default=[1, 16, 128],
+                    help="token rows for shielded (each needs reps x T fresh mask pairs precomputed first)")
     ap.add_argument("--service-threads", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
@@ -327,7 +329,7 @@ def main() -> int:
         for name, (parts, n) in list(LAYERS.items()):
             LAYERS[name] = (tuple(m // 16 for m in parts), n // 16)
     if args.quick:
-        args.tokens, args.reps = [1, 16], 5
+        args.tokens, args.shielded_tokens, args.reps = [1, 16], [1, 16], 5
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()}, torch {torch.__version__}, "
           f"GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, device {DEVICE}; service threads "
@@ -335,7 +337,8 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this benchmark runs on a GPU host (--cpu-smoke checks the script)")
         return 2
-    shielded = [] if args.skip == "shielded" else bench_shielded(args.tokens, args.service_threads, args.reps)
+    shielded = [] if args.skip == "shielded" else bench_shielded(args.shielded_tokens, args.service_threads,
+                                                                 max(5, args.reps // 2))
     split = []
     if args.skip != "split":
         for dtype in (torch.bfloat16, torch.float32):
