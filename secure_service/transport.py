@@ -247,7 +247,7 @@ class ChannelServer:
                 ch = Channel(os.dup(fd), conn, "service", spin_s=self.spin_s)
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("channel handshake failed: %s", exc)
             conn.close()
             return
