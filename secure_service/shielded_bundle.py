@@ -1,10 +1,19 @@
-"""TRUSTED side: reading the secret bundle of protocol ``shielded`` (OUT/secret).
+"""TRUSTED side: the split parameters of protocol ``shielded`` and reading its secret bundle (OUT/secret).
 
 What this module owns
 ---------------------
-``load_shielded_bundle``: everything the secure service needs to rebuild the ``ShieldedExecutor``
-that ``slip protect --protocol shielded`` split, validated before a single call is answered.  The
-bundle writer is ``slip_vllm.vendor.protect_shielded``; the file layout is defined there.
+* ``FusedSplit``: the data of one fused public GEMM after the split (W_C as ``LowRankFactors`` with
+  one left block per fused part, the unquantized W_D when known, the bias, the parts' output
+  sizes).  It lives here, not in the executor, so that the dependency goes one way:
+  ``shielded_executor`` imports this module (to build from a bundle and to make splits), this
+  module never imports the executor;
+* ``load_shielded_bundle``: everything the secure service needs to rebuild the ``ShieldedExecutor``
+  that ``slip protect --protocol shielded`` split, validated before a single call is answered.  The
+  bundle writer is ``slip_vllm.vendor.protect_shielded``; the file layout is defined there.  The
+  bundle stores each layer's left factor as one dense block-diagonal [m, K] matrix
+  (``FusedSplit.left``); the loader cuts it into the per-part blocks
+  (``LowRankFactors.block_diagonal``), the same function ``shielded_executor.fuse_splits`` uses, so
+  a bundle rebuilds bit-identical factors.
 
 Where it runs and what it holds
 -------------------------------
@@ -17,8 +26,9 @@ bundle cannot be paired with another artifact's public half.
 Checks, in order: the generic bundle checks of ``bundle.load_bundle`` (bundle.json, the manifest
 hash it pairs with, the factor file's hash and shapes); protocol ``shielded``; the hash of
 ``shielded.safetensors``; every layer key of the manifest present with W_q of the manifest's shape
-and hash, a finite positive scale per output channel, u in [0, p); p prime and above the exactness
-bound of every layer (``quantize.check_prime``, done by the executor).
+and hash, a finite positive scale per output channel, u in [0, p), a left factor that is block
+diagonal over the layer's fused parts; p prime and above the exactness bound of every layer
+(``quantize.check_prime``, done by the executor).
 """
 
 from __future__ import annotations
@@ -26,25 +36,52 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file
 
 from secure_service.bundle import Bundle, BundleError, load_bundle
 from slip_vllm.core.manifest import sha256_bytes, sha256_file
-from slip_vllm.core.quantize import QuantizedWeight
+from slip_vllm.core.quantize import LowRankFactors, QuantizedWeight
 
-__all__ = ["SHIELDED_FILE", "ShieldedBundle", "load_shielded_bundle"]
+__all__ = ["SHIELDED_FILE", "FusedSplit", "ShieldedBundle", "load_shielded_bundle"]
 
 SHIELDED_FILE = "shielded.safetensors"
+
+
+@dataclass
+class FusedSplit:
+    """W = W_C + public (+ bias) for one fused public GEMM, in [out, in] orientation.
+
+    low_rank: W_C as ``LowRankFactors`` (float32; one left block [m_i, k_i] per fused part and the
+    stacked right factors [K, n]); public: float32 [m, n] (W_D before quantization; None when built
+    from a secret bundle, which holds only the quantized W_D); bias: float32 [m] or None; parts:
+    the output sizes of the fused parts (q, k, v or gate, up; one entry for an unfused layer).
+    """
+
+    low_rank: LowRankFactors
+    public: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    parts: Tuple[int, ...]
+
+    @property
+    def right(self) -> torch.Tensor:
+        """The stacked right factors [K, n]."""
+        return self.low_rank.right
+
+    @property
+    def left(self) -> torch.Tensor:
+        """The dense block-diagonal left factor [m, K], built on demand (the bundle's on-disk form;
+        the executor computes with the blocks)."""
+        return self.low_rank.dense_left()
 
 
 @dataclass
 class ShieldedBundle:
     bundle: Bundle
     config: object                      # the model's transformers config
-    splits: Dict[str, object]           # layer key -> FusedSplit (public=None)
+    splits: Dict[str, FusedSplit]       # layer key -> FusedSplit (public=None)
     quantized: Dict[str, QuantizedWeight]
     embed: torch.Tensor
     norms: Dict[str, torch.Tensor]
@@ -57,8 +94,6 @@ class ShieldedBundle:
 
 def load_shielded_bundle(path: Union[str, Path]) -> ShieldedBundle:
     from transformers import AutoConfig
-
-    from secure_service.shielded_executor import FusedSplit
 
     path = Path(path)
     bundle = load_bundle(path)
@@ -115,8 +150,12 @@ def load_shielded_bundle(path: Union[str, Path]) -> ShieldedBundle:
         if sum(parts.get(key, ())) != m:
             raise BundleError(f"{key}: fused part sizes do not add up to {m}")
         st = secret[key]
-        splits[key] = FusedSplit(left=st.left, right=st.right, public=None,
-                                 bias=None if bias is None else bias.float(), parts=parts[key])
+        try:
+            low_rank = LowRankFactors.block_diagonal(st.left, st.right, parts[key])
+        except ValueError as exc:
+            raise BundleError(f"{key}: {exc}") from None
+        splits[key] = FusedSplit(low_rank=low_rank, public=None, bias=None if bias is None else bias.float(),
+                                 parts=parts[key])
         quantized[key] = QuantizedWeight(w_q=w_q.contiguous(), scale=scale.contiguous(), bits=weight_bits)
         freivalds[key] = u.contiguous()
     embed = take("embed")

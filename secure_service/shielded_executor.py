@@ -33,15 +33,18 @@ projection W (q, k, v, o, gate, up, down, LM head; the LM head is the embedding 
 by ``decompose.split_matrix`` (with blinding and a ``RankPolicy``) into W_C (factors) + W_D; W_D is
 quantized per output channel to int8.  Fused layers concatenate the public rows ([W_q; W_k; W_v],
 [W_gate; W_up]), their low-rank factors as a block-diagonal left factor and stacked right factors,
-and their biases.  One prime p for the whole model from ``quantize.select_prime``.  The split itself
+and their biases (``fuse_splits``).  One prime p for the whole model from ``quantize.select_prime``.  The split itself
 is ``split_checkpoint`` (also used by ``slip protect --protocol shielded``).
 
 Build (``from_bundle``)
 -----------------------
-From the secret bundle written by ``slip protect --protocol shielded`` (``shielded_bundle``): the
-stored factors, W_q and scales, biases, norms, embedding, p and Freivalds vectors; bit-identical to
-``from_checkpoint`` with the same rank policy and seed (and the same torch thread count, which can
-change LAPACK's choice among equally exact singular bases).
+From the secret bundle written by ``slip protect --protocol shielded`` (``shielded_bundle``, which
+also defines ``FusedSplit``; this module imports it, never the reverse): the stored factors, W_q
+and scales, biases, norms, embedding, p and Freivalds vectors; bit-identical to ``from_checkpoint``
+with the same rank policy and seed (and the same torch thread count, which can change LAPACK's
+choice among equally exact singular bases).  Fused layers hold W_C as ``LowRankFactors``: the
+stacked right factors and one left block per part, cut by the same function from the same dense
+block-diagonal matrix on both paths.
 
 Data flow of one ``step`` (flattened mixed prefill/decode batch of N tokens, S sequences)
 -----------------------------------------------------------------------------------------
@@ -75,9 +78,10 @@ Modes (``mode=``), the same glue and the same split in all three:
 * ``"fixed_point"``: no masks, no host; every projection is ``quantize.shielded_linear_reference``
   (the bit-exact specification of ``ShieldedLinear``), so its logits must equal ``"shielded"``'s
   bit for bit: any difference is a protocol or glue bug, not quantization;
-* ``"float"``: no quantization, no host; W_D x + W_C x + b in float64 with the unquantized W_D:
-  must match the original model up to float rounding, which separates the quantization error of
-  ``shielded`` from logic errors of the glue.
+* ``"float"``: no quantization, no host; W_D x + W_C x + b in float64 with the unquantized W_D
+  (W_C x in float32 as in every mode, ``quantize.low_rank_term``): must match the original model
+  up to float rounding, which separates the quantization error of ``shielded`` from logic errors
+  of the glue.
 """
 
 from __future__ import annotations
@@ -91,10 +95,12 @@ import torch
 
 from secure_service.integrity import AlarmCounter, FreivaldsKey
 from secure_service.masks import MaskAuditRecorder, MaskProvider, PooledMaskProvider
+from secure_service.shielded_bundle import FusedSplit, load_shielded_bundle
 from secure_service.shielded_linear import ShieldedLinear
 from slip_vllm.core.decompose import RankPolicy, split_matrix
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
+    LowRankFactors,
     PublicWeight,
     QuantizedWeight,
     check_prime,
@@ -113,31 +119,19 @@ HostGemm = Callable[[str, torch.Tensor], torch.Tensor]  # (layer key, x~ int64 [
 
 
 # ---------------------------------------------------------------------------------------------
-# split parameters of one (fused) public GEMM
+# split parameters of one (fused) public GEMM (``FusedSplit`` is defined in ``shielded_bundle``)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FusedSplit:
-    """W = left @ right + public (+ bias) for one fused public GEMM, in [out, in] orientation.
-
-    left [m, K] (block diagonal over the fused parts), right [K, n], public float32 [m, n] (W_D
-    before quantization; None when built from a secret bundle, which holds only the quantized
-    W_D), bias float32 [m] or None, parts: the output sizes of the fused parts.
-    """
-
-    left: torch.Tensor
-    right: torch.Tensor
-    public: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    parts: Tuple[int, ...]
 
 
 def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                 policy: Union[RankPolicy, Sequence[RankPolicy]], generator: torch.Generator,
                 blind: bool = True) -> FusedSplit:
-    """Split each part with ``split_matrix`` and fuse: public rows stacked, factors block diagonal.
+    """Split each part with ``split_matrix`` and fuse: public rows stacked, right factors stacked,
+    left factors one block per part.
 
+    The blocks are cut from the dense block-diagonal left factor by
+    ``LowRankFactors.block_diagonal``, the function the bundle loader applies to the same dense
+    matrix on disk, so ``from_checkpoint`` and ``from_bundle`` hold bit-identical blocks.
     policy: one ``RankPolicy`` for every part, or one per part."""
     policies = [policy] * len(weights) if isinstance(policy, RankPolicy) else list(policy)
     splits = [split_matrix(w, pol, generator, blind=blind) for w, pol in zip(weights, policies)]
@@ -154,8 +148,9 @@ def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b.float() if b is not None else torch.zeros(w.shape[0]) for w, b in zip(weights, biases)])
-    return FusedSplit(left=left, right=right, public=public, bias=bias,
-                      parts=tuple(int(w.shape[0]) for w in weights))
+    parts = tuple(int(w.shape[0]) for w in weights)
+    return FusedSplit(low_rank=LowRankFactors.block_diagonal(left, right, parts), public=public, bias=bias,
+                      parts=parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +410,7 @@ class ShieldedExecutor:
             if freivalds is not None:
                 fkey = FreivaldsKey(self._public[key], u=freivalds[key], layer_id=key)
             self._shielded[key] = ShieldedLinear(key, self._public[key], quantized[key].scale, masks,
-                                                 key=fkey, alarms=self.alarms, low_rank=(s.left, s.right), bias=s.bias,
+                                                 key=fkey, alarms=self.alarms, low_rank=s.low_rank, bias=s.bias,
                                                  act_bits=act_bits, out_dtype=torch.float32)
 
     # -- construction -------------------------------------------------------------------------
@@ -436,8 +431,6 @@ class ShieldedExecutor:
         """Build from a ``slip protect --protocol shielded`` secret bundle (OUT/secret): its factors,
         scales, biases, norms, embedding, W_q, p and Freivalds keys.  The result is bit-identical
         to ``from_checkpoint`` with the same rank policy and seed (see ``shielded_bundle``)."""
-        from secure_service.shielded_bundle import load_shielded_bundle
-
         b = load_shielded_bundle(secret_dir)
         return cls(b.config, b.splits, b.embed, b.norms, quantized=b.quantized, p=b.p, freivalds=b.freivalds,
                    weight_bits=b.weight_bits, act_bits=b.act_bits, **kwargs)
@@ -472,14 +465,14 @@ class ShieldedExecutor:
     def _linear(self, key: str, x: torch.Tensor, host_gemm: Optional[HostGemm]) -> torch.Tensor:
         if self.mode == "float":
             s = self.splits[key]
-            y = x.double() @ s.public.double().t() + low_rank_term(x, (s.left, s.right))
+            y = x.double() @ s.public.double().t() + low_rank_term(x, s.low_rank).double()
             if s.bias is not None:
                 y = y + s.bias.double()[None, :]
             return y.float()
         if self.mode == "fixed_point":
             s, q = self.splits[key], self._quantized[key]
             return shielded_linear_reference(x, q.w_q, q.scale, self.p, act_bits=self.act_bits,
-                                             low_rank=(s.left, s.right), bias=s.bias, out_dtype=torch.float32)
+                                             low_rank=s.low_rank, bias=s.bias, out_dtype=torch.float32)
         lin = self._shielded[key]
         x_masked, ticket = lin.mask(x)
         try:

@@ -164,12 +164,40 @@ def test_bundle_rebuilds_the_checkpoint_executor_bit_for_bit(artifacts):
         qa, qb = a.quantized_weights()[key], b.quantized_weights()[key]
         assert torch.equal(qa.w_q, qb.w_q) and torch.equal(qa.scale, qb.scale)
         assert torch.equal(a.splits[key].left, b.splits[key].left)
+        # the bundle's dense block-diagonal left is cut into one block per fused part, as on the
+        # checkpoint path
+        fa, fb = a.splits[key].low_rank, b.splits[key].low_rank
+        assert len(fb.lefts) == len(a.splits[key].parts) == {"qkv": 3, "gate_up": 2}.get(key.split(".")[-1], 1)
+        assert fa.cols == fb.cols and all(torch.equal(x, y) for x, y in zip(fa.lefts, fb.lefts))
         assert torch.equal(b.freivalds_vectors()[key], c.freivalds_vectors()[key])  # persisted, not redrawn
     _, steps = _scenario(a.vocab, seed=4)
     ra, rb = _run(a, steps[:3], _Host(a)), _run(b, steps[:3], _Host(b))
     assert all(torch.equal(x[2], y[2]) for x, y in zip(ra, rb))
     for ex in (a, b, c):
         ex.close()
+
+
+def test_a_bundle_whose_left_factor_is_not_block_diagonal_is_refused(artifacts, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from secure_service.bundle import BundleError
+    from slip_vllm.core.manifest import sha256_file
+
+    _, out = artifacts["llama"]
+    secret = tmp_path / "secret"
+    shutil.copytree(out / "secret", secret)
+    meta = json.loads((secret / "bundle.json").read_text())
+    factors = load_file(str(secret / meta["factors_file"]))
+    left = factors["t0.left"].clone()  # layers.0.qkv: q rows 0:128, q rank 8
+    left[0, 8] = 0.25                   # a q row reaching into k's columns
+    factors["t0.left"] = left
+    save_file(factors, str(secret / meta["factors_file"]))
+    meta["factors_sha256"] = sha256_file(secret / meta["factors_file"])
+    (secret / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="layers.0.qkv.*not block diagonal"):
+        ShieldedExecutor.from_bundle(secret, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, pool_rows=0)
 
 
 # ---------------------------------------------------------------------------------------------
