@@ -15,9 +15,17 @@ public GEMMs.  It owns:
 * one ``ShieldedLinear`` per fused public GEMM of each layer (qkv, o, gate_up, down) and one for
   the LM head, with the model's prime p, mask provider, Freivalds keys and alarm counter.
 
-It does not own transport (the host is an abstract callback ``host_gemm(layer_key, x_masked) ->
-y_masked``), scheduling (block tables, slot mapping and sequence lengths come from the host's
-scheduler, as in vLLM's runner) or sampling (float logits are returned for the host's sampler).
+It does not own transport, scheduling (block tables, slot mapping and sequence lengths come from
+the host's scheduler, as in vLLM's runner) or sampling (float logits are returned for the host's
+sampler).  The host is reached in one of two equivalent forms:
+* generators (``step_gen``, ``forward_layers_gen``, ``head_gen``): they ``yield (layer_key, x~)``
+  at every masked GEMM and are resumed with ``send(y~)``; the result comes back as the generator's
+  return value.  The caller advances the step in its own thread (``shielded_api`` does, one HTTP
+  call per ask); ``close()`` (or ``throw``) at an ask aborts the step, and the step's KV writes are
+  rolled back before ``close`` returns;
+* synchronous drivers over them (``step``, ``forward_layers``, ``head``, with a callback
+  ``host_gemm(layer_key, x_masked) -> y_masked``; ``drive``).
+The float and fixed-point modes (below) never yield.
 
 Where it runs and what it holds
 -------------------------------
@@ -54,11 +62,16 @@ For every decoder layer l:
    batch, Freivalds check, unmask, + W_C x + b) -> [q; k; v].
 2. service: Qwen3 only: q = q_norm(q), k = k_norm(k) per head; RoPE on q and k at ``positions``;
    write k, v into the paged cache at ``slot_mapping`` (slot = block * block_size + offset).
-3. service: attention per sequence s: its query rows are query_start_loc[s]:query_start_loc[s+1]
-   (q_len rows, the last q_len of its seq_lens[s] tokens, as in vLLM), its keys/values the first
-   seq_lens[s] cached tokens gathered through block_tables[s]; causal (key j visible to query i iff
-   j <= seq_len - q_len + i, and within the sliding window where the config has one); grouped-query
-   heads share K/V; eager float32 softmax.
+3. service: attention.  Sequence s has query rows query_start_loc[s]:query_start_loc[s+1] (q_len
+   rows, the last q_len of its seq_lens[s] tokens, as in vLLM) and as keys/values the first
+   seq_lens[s] cached tokens gathered through block_tables[s]; key j is visible to query i iff
+   j <= seq_len - q_len + i (causal) and j > seq_len - q_len + i - window (where the config has a
+   sliding window).  Vectorized over sequences: once per step the sequences are put in at most two
+   groups (the decodes, q_len = 1, and the others), each padded to its longest q_len and seq_len
+   with a boolean mask for causality, window and padding (``_AttentionGroup``); per layer and group
+   one gather of K/V, one batched product, one float32 softmax, one product with V; grouped-query
+   heads share K/V without copies.  Separating the decodes keeps a long prefill from padding every
+   decode row of the step to its length.
 4. service -> host -> service: masked GEMM "layers.l.o"; h = h + o.
 5. service: x = post_attention_norm(h); masked GEMM "layers.l.gate_up" -> [gate; up];
    a = act(gate) * up.
@@ -69,9 +82,9 @@ rows, then any prompt-logprob rows), masked GEMM "lm_head" -> float logits for t
 So each step makes exactly 4 host calls per layer + 1 per logits request, whatever the batch holds.
 
 Failure: if any host answer fails its check (``IntegrityError``, alarm raised by ``ShieldedLinear``)
-or anything else raises, the step is refused as a whole: the KV-cache slots the step wrote are
-restored to their previous contents, so the executor stays consistent and usable for the next step
-(fail closed).
+or anything else raises, or the caller closes the step's generator, the step is refused as a
+whole: the KV-cache slots the step wrote are restored to their previous contents, synchronously,
+so the executor stays consistent and usable for the next step (fail closed).
 
 Modes (``mode=``), the same glue and the same split in all three:
 * ``"shielded"`` (the protocol): masked host GEMMs as above;
@@ -87,9 +100,9 @@ Modes (``mode=``), the same glue and the same split in all three:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Generator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
@@ -110,12 +123,35 @@ from slip_vllm.core.quantize import (
     shielded_linear_reference,
 )
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "MODES", "HostGemm", "FusedSplit", "PagedKVCache", "ShieldedExecutor"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "MODES", "HostGemm", "HostAsk", "StepGen", "drive", "FusedSplit",
+           "PagedKVCache", "ShieldedExecutor"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MODES = ("shielded", "fixed_point", "float")
 
 HostGemm = Callable[[str, torch.Tensor], torch.Tensor]  # (layer key, x~ int64 [T, n]) -> y~ int64 [T, m]
+HostAsk = Tuple[str, torch.Tensor]                      # what a step generator yields: (layer key, x~)
+_R = TypeVar("_R")
+StepGen = Generator[HostAsk, torch.Tensor, _R]          # yields asks, is sent y~, returns its result
+
+
+def drive(gen: StepGen, host_gemm: HostGemm):
+    """Run a step generator to its end, answering every ask with ``host_gemm``; returns its result.
+
+    If ``host_gemm`` raises, the exception is thrown into the generator at its ask, so the
+    generator's clean-up (ticket discarded, KV writes rolled back) runs before it propagates.
+    """
+    try:
+        ask = next(gen)
+        while True:
+            try:
+                y = host_gemm(*ask)
+            except BaseException as exc:
+                ask = gen.throw(exc)
+            else:
+                ask = gen.send(y)
+    except StopIteration as stop:
+        return stop.value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +498,9 @@ class ShieldedExecutor:
 
     # -- one projection -----------------------------------------------------------------------
 
-    def _linear(self, key: str, x: torch.Tensor, host_gemm: Optional[HostGemm]) -> torch.Tensor:
+    def _linear(self, key: str, x: torch.Tensor) -> StepGen[torch.Tensor]:
+        """One projection; in shielded mode it yields (key, x~) once and is sent y~.  The float and
+        fixed-point modes return without yielding."""
         if self.mode == "float":
             s = self.splits[key]
             y = x.double() @ s.public.double().t() + low_rank_term(x, s.low_rank).double()
@@ -477,41 +515,48 @@ class ShieldedExecutor:
         x_masked, ticket = lin.mask(x)
         try:
             self.host_calls.append(key)
-            y_masked = host_gemm(key, x_masked)
-        except BaseException:
+            y_masked = yield key, x_masked
+        except BaseException:  # the host failed, or the step was closed / thrown into at this ask
             lin.discard(ticket)
             raise
         return lin.unmask(ticket, y_masked)
 
     # -- attention ----------------------------------------------------------------------------
 
-    def _attention(self, layer: int, q: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                   block_tables: torch.Tensor) -> torch.Tensor:
-        """q [N, H, D] -> [N, H*D]: causal attention of each sequence over its cached tokens."""
+    def _attention_plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                        block_tables: torch.Tensor) -> List["_AttentionGroup"]:
+        """The step's sequences in at most two groups (decodes, q_len = 1; the rest), each padded
+        to its own longest query and key length; built once per step, used by every layer."""
+        q_lens = query_start_loc.diff()
+        groups = []
+        for member in (q_lens == 1, q_lens > 1):
+            seqs = torch.nonzero(member).flatten()
+            if seqs.numel():
+                groups.append(_AttentionGroup.build(query_start_loc[seqs], q_lens[seqs], seq_lens[seqs],
+                                                    block_tables[seqs], self.cache.block_size))
+        return groups
+
+    def _attention(self, layer: int, q: torch.Tensor, plan: List["_AttentionGroup"]) -> torch.Tensor:
+        """q [N, H, D] -> [N, H*D]: causal attention of each sequence over its cached tokens, one
+        batched product and softmax per group (see step 3 of the module docstring)."""
         k_flat, v_flat = self.cache.flat(layer)
-        bs = self.cache.block_size
-        groups = self.num_heads // self.num_kv_heads
+        kvh, d = self.num_kv_heads, self.head_dim
+        g = self.num_heads // kvh
         window = self.layers[layer].sliding_window
-        out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=torch.float32)
-        for s in range(int(seq_lens.shape[0])):
-            lo, hi = int(query_start_loc[s]), int(query_start_loc[s + 1])
-            q_len, seq_len = hi - lo, int(seq_lens[s])
-            if q_len == 0:
-                continue
-            j = torch.arange(seq_len)
-            slots = block_tables[s, j // bs].long() * bs + j % bs
-            k = k_flat[slots].repeat_interleave(groups, dim=1)  # [seq_len, H, D]
-            v = v_flat[slots].repeat_interleave(groups, dim=1)
-            qs = q[lo:hi].transpose(0, 1)                         # [H, q_len, D]
-            scores = qs @ k.permute(1, 2, 0) * self.scaling        # [H, q_len, seq_len]
-            q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
-            allowed = j[None, :] <= q_pos
-            if window is not None:
-                allowed &= j[None, :] > q_pos - window
-            scores = scores.masked_fill(~allowed[None], float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            out[lo:hi] = (probs @ v.transpose(0, 1)).transpose(0, 1)
-        return out.reshape(q.shape[0], -1)
+        out = torch.empty(q.shape[0], self.num_heads * d, dtype=torch.float32)
+        for grp in plan:
+            s, ql = grp.q_index.shape
+            length = grp.slots.shape[1]
+            k = k_flat[grp.slots].permute(0, 2, 3, 1)                      # [S, KVH, D, L]
+            v = v_flat[grp.slots].transpose(1, 2)                          # [S, KVH, L, D]
+            # query head h = kv_head * g + j (the head order of repeat_interleave over K/V)
+            qs = q[grp.q_index].view(s, ql, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(s, kvh, g * ql, d)
+            scores = (qs @ k * self.scaling).view(s, kvh, g, ql, length)
+            scores = scores.masked_fill(grp.blocked(window)[:, None, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(s, kvh, g * ql, length)
+            o = (probs @ v).view(s, kvh, g, ql, d).permute(0, 3, 1, 2, 4).reshape(s, ql, self.num_heads * d)
+            out[grp.q_index[grp.valid]] = o[grp.valid]
+        return out
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -538,7 +583,54 @@ class ShieldedExecutor:
         if bool((block_tables < 0).any()) or bool((block_tables >= self.cache.num_blocks).any()):
             raise ValueError("block table entry out of range")
 
+    def _prepare(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables):
+        """Cast the batch metadata to int64 and check it (once per step); resets ``host_calls``."""
+        batch = tuple(t.long() for t in (input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables))
+        self._check_batch(*batch)
+        self.host_calls = []
+        return batch
+
+    def _needs_host(self, host_gemm: Optional[HostGemm]) -> None:
+        if host_gemm is None and self.mode == "shielded":
+            raise ValueError("the shielded executor needs a host_gemm callback")
+
     @torch.no_grad()
+    def step_gen(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                 logits_indices: Optional[torch.Tensor] = None) -> StepGen[torch.Tensor]:
+        """Generator form of ``step``: yields (layer key, x~) per masked GEMM, is sent y~, returns the
+        logits.  Nothing runs before the first ``next``; closing it (``close()``) or throwing into
+        it at an ask rolls the step's KV writes back before ``close``/``throw`` returns."""
+        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
+        logits_indices = batch[3][1:] - 1 if logits_indices is None else logits_indices.long()
+        saved = self.cache.save(batch[2])  # one roll-back for the layers and the LM head
+        try:
+            hidden = self.final_norm((yield from self._layers(*batch)))
+            return (yield from self._linear("lm_head", hidden[logits_indices]))
+        except BaseException:
+            self.cache.restore(batch[2], saved)
+            raise
+
+    @torch.no_grad()
+    def forward_layers_gen(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                           block_tables: torch.Tensor) -> StepGen[torch.Tensor]:
+        """Generator form of ``forward_layers`` (asks as ``step_gen``; returns the final-normed
+        hidden rows; closed or failed: KV writes rolled back)."""
+        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
+        saved = self.cache.save(batch[2])
+        try:
+            h = yield from self._layers(*batch)
+        except BaseException:
+            self.cache.restore(batch[2], saved)
+            raise
+        return self.final_norm(h)
+
+    @torch.no_grad()
+    def head_gen(self, hidden_rows: torch.Tensor) -> StepGen[torch.Tensor]:
+        """Generator form of ``head``: one ask ("lm_head"), returns the logits."""
+        return (yield from self._linear("lm_head", hidden_rows))
+
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
              query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
              host_gemm: Optional[HostGemm] = None, logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -546,17 +638,12 @@ class ShieldedExecutor:
 
         logits_indices: the token rows to produce logits for (default: the last token of every
         sequence, ``query_start_loc[1:] - 1``).  Raises ``IntegrityError`` if the host cheated; the
-        step is then refused as a whole and the cache left as it was.
+        step is then refused as a whole and the cache left as it was.  (``step_gen`` driven by
+        ``host_gemm``.)
         """
-        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm)
-        logits_indices = batch[3][1:] - 1 if logits_indices is None else logits_indices.long()
-        saved = self.cache.save(batch[2])  # one roll-back for the layers and the LM head
-        try:
-            hidden = self.final_norm(self._layers(*batch, host_gemm))
-            return self.head(hidden[logits_indices], host_gemm)
-        except BaseException:
-            self.cache.restore(batch[2], saved)
-            raise
+        self._needs_host(host_gemm)
+        return drive(self.step_gen(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
+                                   logits_indices), host_gemm)
 
     def forward_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
@@ -565,41 +652,27 @@ class ShieldedExecutor:
         [N, d] (secret; they stay in the service).  ``head`` turns chosen rows into logits; vLLM
         asks for its rows only after the forward (sampling rows, prompt-logprob rows), which is
         why the two are separate calls.  On any failure the KV writes are rolled back."""
-        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm)
-        saved = self.cache.save(batch[2])
-        try:
-            h = self._layers(*batch, host_gemm)
-        except BaseException:
-            self.cache.restore(batch[2], saved)
-            raise
-        return self.final_norm(h)
-
-    def _prepare(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, host_gemm):
-        """Cast the batch metadata to int64 and check it (once per step); resets ``host_calls``."""
-        if host_gemm is None and self.mode == "shielded":
-            raise ValueError("the shielded executor needs a host_gemm callback")
-        batch = tuple(t.long() for t in (input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables))
-        self._check_batch(*batch)
-        self.host_calls = []
-        return batch
+        self._needs_host(host_gemm)
+        return drive(self.forward_layers_gen(input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+                                             block_tables), host_gemm)
 
     def head(self, hidden_rows: torch.Tensor, host_gemm: Optional[HostGemm] = None) -> torch.Tensor:
         """The masked LM head on final-normed hidden rows [R, d]: float logits [R, vocab]."""
-        if host_gemm is None and self.mode == "shielded":
-            raise ValueError("the shielded executor needs a host_gemm callback")
-        return self._linear("lm_head", hidden_rows, host_gemm)
+        self._needs_host(host_gemm)
+        return drive(self.head_gen(hidden_rows), host_gemm)
 
-    def _layers(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
-                host_gemm) -> torch.Tensor:
+    def _layers(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+                block_tables) -> StepGen[torch.Tensor]:
         n = int(input_ids.shape[0])
         h = self.embed[input_ids]                                     # [N, d] float32
         cos, sin = self.rotary(h, positions[None, :])
         cos, sin = cos[0], sin[0]                                     # [N, D]
+        plan = self._attention_plan(query_start_loc, seq_lens, block_tables)
         qd = self.num_heads * self.head_dim
         kd = self.num_kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             # 1-2: qkv, q/k norms, RoPE, cache write
-            qkv = self._linear(f"layers.{i}.qkv", layer.input_norm(h), host_gemm)
+            qkv = yield from self._linear(f"layers.{i}.qkv", layer.input_norm(h))
             q = qkv[:, :qd].reshape(n, self.num_heads, self.head_dim)
             k = qkv[:, qd:qd + kd].reshape(n, self.num_kv_heads, self.head_dim)
             v = qkv[:, qd + kd:].reshape(n, self.num_kv_heads, self.head_dim)
@@ -612,16 +685,56 @@ class ShieldedExecutor:
             k_flat[slot_mapping] = k
             v_flat[slot_mapping] = v
             # 3-4: attention, o, residual
-            attn = self._attention(i, q, query_start_loc, seq_lens, block_tables)
-            h = h + self._linear(f"layers.{i}.o", attn, host_gemm)
+            attn = self._attention(i, q, plan)
+            h = h + (yield from self._linear(f"layers.{i}.o", attn))
             # 5-6: MLP
-            gu = self._linear(f"layers.{i}.gate_up", layer.post_norm(h), host_gemm)
+            gu = yield from self._linear(f"layers.{i}.gate_up", layer.post_norm(h))
             inter = gu.shape[1] // 2
             a = self.act(gu[:, :inter]) * gu[:, inter:]
-            h = h + self._linear(f"layers.{i}.down", a, host_gemm)
+            h = h + (yield from self._linear(f"layers.{i}.down", a))
         return h
 
     def close(self) -> None:
         """Stop the mask provider's background thread (if any) and overwrite its pool."""
         if self.masks is not None:
             self.masks.close()
+
+
+@dataclass
+class _AttentionGroup:
+    """Sequences of one step attended together: S sequences padded to Q query and L key rows.
+
+    q_index [S, Q]: the token row of query i of sequence s (0 for padding); valid [S, Q]: real
+    query rows; slots [S, L]: the cache slot of key j (through the block table; padding keys point
+    at whatever slot the table gives, always in range, and are masked); q_pos [S, Q]: the position
+    of each query; ``blocked(window)`` [S, Q, L]: True where key j is hidden from query i (after
+    it, outside the window, or padding).  A padding query row sees key 0 only, so its softmax is
+    finite; it is dropped.
+    """
+
+    q_index: torch.Tensor
+    valid: torch.Tensor
+    slots: torch.Tensor
+    q_pos: torch.Tensor
+    _blocked: Dict[Optional[int], torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, q_start, q_lens, seq_lens, block_tables, block_size: int) -> "_AttentionGroup":
+        ql, length = int(q_lens.max()), int(seq_lens.max())
+        i, j = torch.arange(ql), torch.arange(length)
+        valid = i[None, :] < q_lens[:, None]
+        q_index = torch.where(valid, q_start[:, None] + i[None, :], torch.zeros((), dtype=torch.long))
+        slots = block_tables[:, j // block_size] * block_size + j % block_size
+        q_pos = (seq_lens - q_lens)[:, None] + i[None, :]
+        return cls(q_index=q_index, valid=valid, slots=slots, q_pos=q_pos)
+
+    def blocked(self, window: Optional[int]) -> torch.Tensor:
+        if window not in self._blocked:
+            j = torch.arange(self.slots.shape[1])[None, None, :]
+            pos = self.q_pos[:, :, None]
+            allowed = j <= pos  # for a real query, pos < seq_len: padding keys are hidden too
+            if window is not None:
+                allowed &= j > pos - window
+            allowed = torch.where(self.valid[:, :, None], allowed, j == 0)
+            self._blocked[window] = ~allowed
+        return self._blocked[window]

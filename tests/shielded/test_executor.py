@@ -357,3 +357,164 @@ def test_trusted_side_does_not_import_vllm():
             "sys.exit(1 if any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules) else 0)")
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, timeout=60).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator form of a step, driven by its caller
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch_of(st):
+    return {k: v for k, v in st.items() if k != "rows"}
+
+
+def test_step_generator_asks_each_masked_gemm_and_equals_the_callback_form(models):
+    model_dir = models("qwen2-tied")
+    a, b = _build(model_dir, "shielded"), _build(model_dir, "shielded")
+    _, steps = _scenario(a.vocab, seed=3)
+    host_a, host_b = _Host(a), _Host(b)
+    for st in steps[:3]:
+        batch = _batch_of(st)
+        gen = a.step_gen(**batch)
+        keys, ask = [], next(gen)
+        try:
+            while True:
+                keys.append(ask[0])
+                ask = gen.send(host_a(*ask))
+        except StopIteration as stop:
+            logits = stop.value
+        assert keys == a.layer_keys()
+        assert torch.equal(logits, b.step(**batch, host_gemm=host_b))
+    # deferred form: layers, then the head on chosen rows, each a generator of its own
+    batch = _batch_of(steps[3])
+    gen = a.forward_layers_gen(**batch)
+    ask, n_asks = next(gen), 0
+    try:
+        while True:
+            n_asks += 1
+            ask = gen.send(host_a(*ask))
+    except StopIteration as stop:
+        hidden = stop.value
+    assert n_asks == 4 * a.num_layers
+    head = a.head_gen(hidden[:2])
+    key, x = next(head)
+    assert key == "lm_head" and x.shape[0] == 2
+    with pytest.raises(StopIteration) as stop:
+        head.send(host_a(key, x))
+    hidden_b = b.forward_layers(**batch, host_gemm=host_b)
+    assert torch.equal(hidden, hidden_b) and torch.equal(stop.value.value, b.head(hidden_b[:2], host_b))
+
+
+def test_fixed_point_and_float_steps_never_ask_the_host(models):
+    model_dir = models("qwen3")
+    for mode in ("fixed_point", "float"):
+        ex, ref = _build(model_dir, mode), _build(model_dir, mode)
+        _, steps = _scenario(ex.vocab, seed=1)
+        gen = ex.step_gen(**_batch_of(steps[0]))
+        with pytest.raises(StopIteration) as stop:
+            next(gen)
+        assert torch.equal(stop.value.value, ref.step(**_batch_of(steps[0])))
+
+
+@pytest.mark.parametrize("how", ["close", "throw"])
+def test_a_step_closed_or_thrown_into_mid_way_is_rolled_back_at_once(models, how):
+    """Closing a step's generator at an ask (a new step, a time-out) or throwing into it (a transport
+    error) restores the KV slots it wrote before close/throw returns and discards its masks; the
+    executor then serves the next steps exactly like one that never saw the aborted step."""
+    model_dir = models("llama-llama3rope")
+    a, b = _build(model_dir, "shielded"), _build(model_dir, "shielded")
+    _, steps = _scenario(a.vocab, seed=6)
+    _run(a, steps[:2], _Host(a))
+    _run(b, steps[:2], _Host(b))
+    k0, v0 = a.cache.k.clone(), a.cache.v.clone()
+    host = _Host(a)
+    gen = a.step_gen(**_batch_of(steps[2]))
+    ask = next(gen)
+    for _ in range(5):  # both layers' qkv: this step's K/V are in the cache now
+        ask = gen.send(host(*ask))
+    assert ask[0] == "layers.1.o" and not torch.equal(a.cache.k, k0)
+    assert a._shielded["layers.1.o"].pending == 1
+    if how == "close":
+        gen.close()
+    else:
+        with pytest.raises(ConnectionError):
+            gen.throw(ConnectionError("host went away"))
+    assert torch.equal(a.cache.k, k0) and torch.equal(a.cache.v, v0)
+    assert all(lin.pending == 0 for lin in a._shielded.values())
+    ra, rb = _run(a, steps[2:4], _Host(a)), _run(b, steps[2:4], _Host(b))
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(ra, rb))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention vectorized over the sequences of a step
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_per_sequence(ex, layer, q, qsl, seq_lens, block_tables):
+    """The definition, one sequence at a time, in float64 (the executor's former loop)."""
+    k_flat, v_flat = ex.cache.flat(layer)
+    bs, groups = ex.cache.block_size, ex.num_heads // ex.num_kv_heads
+    window = ex.layers[layer].sliding_window
+    out = torch.zeros(q.shape[0], ex.num_heads, ex.head_dim, dtype=torch.float64)
+    for s in range(int(seq_lens.shape[0])):
+        lo, hi = int(qsl[s]), int(qsl[s + 1])
+        q_len, seq_len = hi - lo, int(seq_lens[s])
+        if q_len == 0:
+            continue
+        j = torch.arange(seq_len)
+        slots = block_tables[s, j // bs] * bs + j % bs
+        k = k_flat[slots].double().repeat_interleave(groups, dim=1)
+        v = v_flat[slots].double().repeat_interleave(groups, dim=1)
+        scores = q[lo:hi].double().transpose(0, 1) @ k.permute(1, 2, 0) * ex.scaling
+        q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+        allowed = j[None, :] <= q_pos
+        if window is not None:
+            allowed &= j[None, :] > q_pos - window
+        probs = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1)
+        out[lo:hi] = (probs @ v.transpose(0, 1)).transpose(0, 1)
+    return out.reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_vectorized_attention_equals_the_per_sequence_definition(models, window, kind):
+    """Decode-only and mixed steps (a long prefill chunk, a short one, decodes, a sequence with no
+    query this step), GQA, shuffled and shared blocks, with and without a sliding window: the batched
+    attention equals the per-sequence definition (float64) to float32 rounding."""
+    ex = _build(models("qwen3"), "float")
+    g = torch.Generator().manual_seed(7 + (window or 0))
+    ex.cache.k.normal_(generator=g)
+    ex.cache.v.normal_(generator=g)
+    ex.layers[0].sliding_window = window
+    # (q_len, seq_len) per sequence
+    seqs = [(1, 9), (1, 1), (1, 16), (1, 5)] if kind == "decode" else [(11, 11), (1, 14), (3, 7), (0, 6), (1, 2)]
+    q_lens = torch.tensor([a for a, _ in seqs])
+    seq_lens = torch.tensor([b for _, b in seqs])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
+    max_blocks = -(-int(seq_lens.max()) // BLOCK_SIZE)
+    # shuffled blocks; sequences may share blocks (as with a cached prefix)
+    block_tables = torch.randint(0, NUM_BLOCKS, (len(seqs), max_blocks), generator=g)
+    n = int(qsl[-1])
+    q = torch.randn(n, ex.num_heads, ex.head_dim, generator=g)
+    plan = ex._attention_plan(qsl, seq_lens, block_tables)
+    assert len(plan) == (1 if kind == "decode" else 2)  # decodes apart from the prefill chunks
+    got = ex._attention(0, q, plan)
+    want = _attention_per_sequence(ex, 0, q, qsl, seq_lens, block_tables)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-5, err
+
+
+def test_the_bundle_module_never_imports_the_executor():
+    """One-way dependency: the executor imports ``shielded_bundle`` (``FusedSplit``, the loader);
+    the bundle module imports the executor nowhere, not even inside a function."""
+    import ast
+
+    import secure_service.shielded_bundle as bundle_mod
+    import secure_service.shielded_executor as executor_mod
+
+    tree = ast.parse(Path(bundle_mod.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not any("shielded_executor" in name for name in imported)
+    assert executor_mod.FusedSplit is bundle_mod.FusedSplit
