@@ -2,9 +2,10 @@
 
 What this module owns
 ---------------------
-``ShieldedService``: turns the ``ShieldedExecutor``'s synchronous step (which calls the host back
-for every masked GEMM) into a request/response exchange with the untrusted host, and the two
-endpoints that expose it (mounted by ``app.create_app`` when the bundle's protocol is shielded):
+``ShieldedService``: turns the ``ShieldedExecutor``'s step generators (which yield one (layer key,
+x~) per masked GEMM and are resumed with the host's y~) into a request/response exchange with the
+untrusted host, and the two endpoints that expose it (mounted by ``app.create_app`` when the
+bundle's protocol is shielded):
 
   POST /v1/shielded/step   body: a step frame (``wire.encode_shielded_step``): the batch metadata of
                            one engine step.  Answer: a MSG_ASK message (step id, call 0, layer key,
@@ -21,25 +22,34 @@ endpoints that expose it (mounted by ``app.create_app`` when the bundle's protoc
 
 Protocol of one step (the host sees only x~, which is uniform in Z_p, and the final logits):
   1. host -> service: the step frame; the session's sequence number must increase (409 otherwise).
-     A step still in flight is aborted first (its KV writes rolled back by the executor).
-  2. service: a worker thread runs ``ShieldedExecutor.step``; at each masked GEMM it masks the
-     activations (one fresh mask row per token row) and hands (key, x~) to the request handler,
-     which answers it to the host.
+     A step still in flight is aborted first: its generator is closed, which rolls its KV writes
+     back and destroys its pending masks before the new step runs.
+  2. service: the step's generator (``ShieldedExecutor.step_gen`` / ``forward_layers_gen`` /
+     ``head_gen``) is advanced in the request's own thread until its next masked GEMM: it masks the
+     activations (one fresh mask row per token row) and yields (key, x~), which is the reply.
   3. host -> service: y~ for that (step, call, key).  Checked before the executor sees it: the step
      id must be the one in flight, the call index the next one, the key the one asked for (409
-     otherwise, the step stays in flight) and y~ of shape [T, m] (422).  The executor then checks y~
-     in [0, p) and by Freivalds; on failure the step is aborted (KV rolled back, masks destroyed),
-     the alarm counter rises (``/v1/stats``) and the host gets 422 "integrity: ...".
-  4. repeat 2-3 (4 calls per decoder layer + the LM head) until the executor returns the logits;
+     otherwise, the step stays in flight) and y~ of shape [T, m] (422).  It is then sent into the
+     generator, which checks y~ in [0, p) and by Freivalds; on failure the step is aborted (KV
+     rolled back, masks destroyed), the alarm counter rises (``/v1/stats``) and the host gets 422
+     "integrity: ...".  Otherwise the generator runs on to its next ask (step 2).
+  4. repeat 2-3 (4 calls per decoder layer + the LM head) until the generator returns the logits;
      they go to the host in plaintext for its sampler (black-box output).
      Deferred step (the vLLM integration): the frame asks for no logits; after the last layer the
      service keeps the final-normed hidden rows of the step (secret, never sent) and answers
      MSG_READY; each later MSG_ROWS runs the masked LM head on the chosen rows (steps 2-3 once)
      and returns their logits.  The next step frame discards the kept rows.
 
-Concurrency: the executor owns one KV cache, so ONE step is in flight per service at a time; the
-handlers are serialized by a lock.  A step whose host stops answering is aborted after
-``SLIP_SHIELDED_STEP_TIMEOUT_S``.
+Concurrency and time-outs: there are no worker threads and no queues.  The executor owns one KV
+cache, so ONE step is in flight per service: ``_run`` holds its generator, and one lock serializes
+the handlers (each advances the generator at most to its next ask, so the lock is held for one
+stretch of service compute, never while waiting for the host).  A step whose host stops answering
+(``timeout_s``, ``SLIP_SHIELDED_STEP_TIMEOUT_S``) is aborted lazily: the next call of any endpoint
+that finds the step in flight idle (no ask sent) for longer than ``timeout_s`` closes its
+generator (roll-back) before doing anything else, and an answer for that step gets 409 "step
+aborted: ...".  Until then the idle step holds only its own pending masks and KV writes, which no
+other step can observe, since any other step must first go through this service's lock and abort
+it.  A new step frame aborts the step in flight whatever its age.
 
 Where it runs and what it holds: inside the secure service; everything secret stays in the
 executor (factors, scales, norms, biases, embedding, masks, Freivalds vectors, KV cache).
@@ -48,16 +58,16 @@ executor (factors, scales, norms, biases, embedding, masks, Freivalds vectors, K
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
+import time
 from typing import Optional
 
 import torch
 
 from secure_service.integrity import IntegrityError
 from secure_service.masks import MaskAuditRecorder
-from secure_service.shielded_executor import ShieldedExecutor
+from secure_service.shielded_executor import ShieldedExecutor, StepGen
 from slip_vllm.core.wire import (
     MSG_ASK, MSG_LOGITS, MSG_READY, ShieldedMessage, ShieldedStep, encode_shielded_message,
 )
@@ -66,8 +76,6 @@ log = logging.getLogger("slip.service")
 
 __all__ = ["StepRejected", "ShieldedService"]
 
-_ABORT = object()
-
 
 class StepRejected(Exception):
     """A shielded request the service refuses; carries the HTTP status."""
@@ -75,10 +83,6 @@ class StepRejected(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-class _Aborted(Exception):
-    pass
 
 
 class _Ready:
@@ -91,15 +95,18 @@ class _Ready:
 
 
 class _Run:
-    def __init__(self, step_id: Optional[int] = None, ready: Optional[_Ready] = None) -> None:
+    """The step (or LM-head request) in flight: its generator and the ask the host must answer."""
+
+    def __init__(self, gen: StepGen, kind: str, step_id: Optional[int] = None, ready: Optional[_Ready] = None,
+                 call: int = -1) -> None:
+        self.gen = gen
+        self.kind = kind    # "step" (logits at the end), "layers" (deferred: MSG_READY) or "head"
         self.id = secrets.randbits(63) | 1 if step_id is None else step_id
-        self.ready = ready  # set for an LM-head run of a ready step
-        self.asks: queue.Queue = queue.Queue()
-        self.answers: queue.Queue = queue.Queue()
-        self.call = -1
+        self.ready = ready  # the ready step of a "head" run
+        self.call = call    # index of the last ask sent
         self.key: Optional[str] = None
         self.rows = 0
-        self.thread: Optional[threading.Thread] = None
+        self.last = time.monotonic()  # when the last ask was sent (or the run was created)
 
 
 class ShieldedService:
@@ -114,7 +121,8 @@ class ShieldedService:
                                                      pool_rows=pool_rows, mask_recorder=self.audit)
         self.timeout_s = float(timeout_s)
         self.shapes = {k: tuple(w.shape) for k, w in self.executor.public_weights().items()}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # the step in flight, the ready step
+        self._counts_lock = threading.Lock()   # the counters (so stats() never waits for compute)
         self._run: Optional[_Run] = None
         self._ready: Optional[_Ready] = None
         self._counts = {"steps_started": 0, "steps_completed": 0, "steps_aborted": 0, "steps_refused": 0,
@@ -128,7 +136,7 @@ class ShieldedService:
                 "block_size": ex.cache.block_size, "steps_in_flight_max": 1}
 
     def stats(self) -> dict:
-        with self._lock:
+        with self._counts_lock:
             counts = dict(self._counts)
         alarms = self.executor.alarms.snapshot()
         masks = self.executor.masks.stats() if self.executor.masks is not None else {}
@@ -139,88 +147,78 @@ class ShieldedService:
                                  "repeats": len(self.audit.duplicates)}
         return out
 
-    # -- the worker ------------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[name] += n
 
-    def _work(self, run: _Run, task) -> None:
-        """Run ``task(host_gemm) -> (event kind, tensor)`` in the worker thread, reporting its
-        asks and its end through ``run.asks``."""
-
-        def host(key: str, x_masked: torch.Tensor) -> torch.Tensor:
-            run.asks.put(("ask", key, x_masked))
-            try:
-                y = run.answers.get(timeout=self.timeout_s)
-            except queue.Empty:
-                raise _Aborted(f"no host answer within {self.timeout_s:g} s") from None
-            if y is _ABORT:
-                raise _Aborted("aborted")
-            return y
-
-        try:
-            run.asks.put(task(host))
-        except IntegrityError as exc:
-            run.asks.put(("integrity", exc))
-        except _Aborted as exc:
-            run.asks.put(("aborted", exc))
-        except (ValueError, IndexError) as exc:
-            run.asks.put(("invalid", exc))
-        except BaseException as exc:  # a bug: reported as 500, the service stays up
-            log.exception("shielded step failed")
-            run.asks.put(("error", exc))
+    # -- the step in flight (all under self._lock) ------------------------------------------------
 
     def _abort_locked(self) -> None:
+        """Abort the run in flight (if any): closing its generator rolls the step's KV writes back
+        and destroys its pending masks, synchronously.  An aborted LM-head request also drops the
+        ready step's rows (fail closed: nothing is left to ask again)."""
         run, self._run = self._run, None
         if run is None:
             return
-        run.answers.put(_ABORT)
-        if run.thread is not None:
-            run.thread.join(timeout=self.timeout_s)
-        self._counts["steps_aborted"] += 1
-
-    def _next_locked(self, run: _Run) -> bytes:
-        """Wait for the worker's next event and turn it into the reply (or a refusal)."""
-        try:
-            event = run.asks.get(timeout=self.timeout_s)
-        except queue.Empty:
-            self._abort_locked()
-            raise StepRejected(503, "the step did not progress in time and was aborted") from None
-        kind = event[0]
-        if kind == "ask":
-            _, key, x_masked = event
-            run.call += 1
-            run.key, run.rows = key, int(x_masked.shape[0])
-            self._counts["host_calls"] += 1
-            self._counts["masked_rows"] += run.rows
-            return encode_shielded_message(MSG_ASK, run.id, run.call, key, x_masked)
-        self._run = None
-        if run.thread is not None:
-            run.thread.join(timeout=self.timeout_s)
-        if kind == "ready":
-            self._counts["steps_completed"] += 1
-            hidden = event[1]
-            self._ready = _Ready(run.id, hidden, run.call + 1)
-            rows = torch.tensor([[int(hidden.shape[0])]], dtype=torch.int64)
-            return encode_shielded_message(MSG_READY, run.id, run.call + 1, "", rows)
-        if kind == "logits":
-            if run.ready is None:
-                self._counts["steps_completed"] += 1
-            else:
-                run.ready.next_call = run.call + 1
-            logits = event[1].to(torch.float32)
-            return encode_shielded_message(MSG_LOGITS, run.id, run.call + 1, "", logits)
         if run.ready is not None:
-            self._ready = None  # a refused LM head leaves nothing to ask again: fail closed
-        if kind == "integrity":
-            self._counts["steps_aborted"] += 1
-            raise StepRejected(422, f"integrity: {event[1]}; the step was aborted and its KV writes rolled back")
-        if kind == "invalid":
-            self._counts["steps_refused"] += 1
-            raise StepRejected(422, f"invalid step: {event[1]}")
-        self._counts["steps_aborted"] += 1
-        if kind == "aborted":  # the worker gave up waiting for this host's answer
-            raise StepRejected(409, f"step aborted: {event[1]}")
-        raise StepRejected(500, "internal error in the shielded step (see the service log)")
+            self._ready = None
+        self._count("steps_aborted")
+        run.gen.close()
 
-    # -- the two calls ---------------------------------------------------------------------------
+    def _expire_locked(self) -> Optional[_Run]:
+        """Abort the run in flight if it has been idle for longer than ``timeout_s``; returns it."""
+        run = self._run
+        if run is not None and time.monotonic() - run.last > self.timeout_s:
+            log.warning("shielded step %#x: no host answer within %g s, aborted", run.id, self.timeout_s)
+            self._abort_locked()
+            return run
+        return None
+
+    def _advance_locked(self, run: _Run, y: Optional[torch.Tensor]) -> bytes:
+        """Resume ``run``'s generator (with the host's answer y, or start it) up to its next ask or
+        its end, and turn that into the reply (or a refusal)."""
+        try:
+            key, x_masked = next(run.gen) if y is None else run.gen.send(y)
+        except StopIteration as stop:
+            return self._finish_locked(run, stop.value)
+        except BaseException as exc:
+            # the generator has already rolled its step back and destroyed its masks
+            self._run = None
+            if run.ready is not None:
+                self._ready = None  # a refused LM head leaves nothing to ask again: fail closed
+            if isinstance(exc, IntegrityError):
+                self._count("steps_aborted")
+                raise StepRejected(422, f"integrity: {exc}; the step was aborted and its KV writes "
+                                        f"rolled back") from None
+            if isinstance(exc, (ValueError, IndexError)):
+                self._count("steps_refused")
+                raise StepRejected(422, f"invalid step: {exc}") from None
+            self._count("steps_aborted")
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: not ours to swallow
+            log.exception("shielded step failed")  # a bug: reported as 500, the service stays up
+            raise StepRejected(500, "internal error in the shielded step (see the service log)") from None
+        run.call += 1
+        run.key, run.rows = key, int(x_masked.shape[0])
+        run.last = time.monotonic()
+        self._count("host_calls")
+        self._count("masked_rows", run.rows)
+        return encode_shielded_message(MSG_ASK, run.id, run.call, key, x_masked)
+
+    def _finish_locked(self, run: _Run, result: torch.Tensor) -> bytes:
+        self._run = None
+        if run.kind == "layers":
+            self._count("steps_completed")
+            self._ready = _Ready(run.id, result, run.call + 1)
+            rows = torch.tensor([[int(result.shape[0])]], dtype=torch.int64)
+            return encode_shielded_message(MSG_READY, run.id, run.call + 1, "", rows)
+        if run.kind == "step":
+            self._count("steps_completed")
+        else:
+            run.ready.next_call = run.call + 1
+        return encode_shielded_message(MSG_LOGITS, run.id, run.call + 1, "", result.to(torch.float32))
+
+    # -- the three calls -------------------------------------------------------------------------
 
     def start_step(self, frame: ShieldedStep) -> bytes:
         n = int(frame.input_ids.shape[0])
@@ -231,30 +229,23 @@ class ShieldedService:
         if li is not None and (int(li.min()) < 0 or int(li.max()) >= n):
             raise StepRejected(422, f"logits_indices must lie in [0, {n})")
         ex = self.executor
-        if frame.defer_logits:
-            def task(host):
-                return ("ready", ex.forward_layers(frame.input_ids, frame.positions, frame.slot_mapping,
-                                                   frame.query_start_loc, frame.seq_lens, frame.block_tables,
-                                                   host_gemm=host))
-        else:
-            def task(host):
-                return ("logits", ex.step(frame.input_ids, frame.positions, frame.slot_mapping,
-                                          frame.query_start_loc, frame.seq_lens, frame.block_tables,
-                                          host_gemm=host, logits_indices=frame.logits_indices))
+        batch = (frame.input_ids, frame.positions, frame.slot_mapping, frame.query_start_loc, frame.seq_lens,
+                 frame.block_tables)
         with self._lock:
-            self._abort_locked()
+            self._abort_locked()  # rolled back before the new step touches the cache
             self._ready = None
-            run = _Run()
-            run.thread = threading.Thread(target=self._work, args=(run, task), name="slip-shielded-step",
-                                          daemon=True)
+            if frame.defer_logits:
+                run = _Run(ex.forward_layers_gen(*batch), "layers")
+            else:
+                run = _Run(ex.step_gen(*batch, logits_indices=frame.logits_indices), "step")
             self._run = run
-            self._counts["steps_started"] += 1
-            run.thread.start()
-            return self._next_locked(run)
+            self._count("steps_started")
+            return self._advance_locked(run, None)
 
     def logits(self, msg: ShieldedMessage) -> bytes:
         """MSG_ROWS for the ready step: run the masked LM head on those rows (see the docstring)."""
         with self._lock:
+            self._expire_locked()
             ready = self._ready
             if ready is None or msg.step != ready.id:
                 raise StepRejected(409, f"no ready step {msg.step:#x} (unknown, superseded, or its layers "
@@ -268,19 +259,18 @@ class ShieldedService:
             n = int(ready.hidden.shape[0])
             if msg.payload.shape[0] != 1 or int(rows.min()) < 0 or int(rows.max()) >= n:
                 raise StepRejected(422, f"rows must be one row of token indices in [0, {n})")
-            hidden_rows = ready.hidden[rows]
-            ex = self.executor
-            run = _Run(step_id=ready.id, ready=ready)
-            run.call = ready.next_call - 1
-            run.thread = threading.Thread(target=self._work, args=(run, lambda host: ("logits", ex.head(hidden_rows, host))),
-                                          name="slip-shielded-head", daemon=True)
+            run = _Run(self.executor.head_gen(ready.hidden[rows]), "head", step_id=ready.id, ready=ready,
+                       call=ready.next_call - 1)
             self._run = run
-            self._counts["logits_requests"] += 1
-            run.thread.start()
-            return self._next_locked(run)
+            self._count("logits_requests")
+            return self._advance_locked(run, None)
 
     def answer(self, msg: ShieldedMessage) -> bytes:
         with self._lock:
+            expired = self._expire_locked()
+            if expired is not None and msg.step == expired.id:
+                raise StepRejected(409, f"step aborted: no host answer within {self.timeout_s:g} s; its KV "
+                                        f"writes were rolled back")
             run = self._run
             if run is None or msg.step != run.id:
                 raise StepRejected(409, f"no step {msg.step:#x} in flight (finished, aborted or unknown)")
@@ -293,8 +283,7 @@ class ShieldedService:
             want = (run.rows, self.shapes[msg.key][0])
             if tuple(msg.payload.shape) != want:
                 raise StepRejected(422, f"answer has shape {tuple(msg.payload.shape)}, expected {want}")
-            run.answers.put(msg.payload)
-            return self._next_locked(run)
+            return self._advance_locked(run, msg.payload)
 
     def close(self) -> None:
         with self._lock:

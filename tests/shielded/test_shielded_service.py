@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import secure_service
+from secure_service.shielded_api import StepRejected
 from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core import wire
 from slip_vllm.core.field import is_prime
@@ -562,3 +563,141 @@ def test_a_step_the_host_abandons_is_aborted_after_the_timeout(artifacts, refere
         assert late.status_code == 409 and "aborted" in late.json()["error"]
         assert client.get("/v1/stats").json()["shielded"]["steps_aborted"] == 1
     app.state.shielded.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the service object in-process: steps advanced by their callers, roll-back on abort
+# ---------------------------------------------------------------------------------------------
+
+
+def _svc(artifacts, **kw):
+    from secure_service.shielded_api import ShieldedService
+
+    _, out = artifacts["llama"]
+    return ShieldedService(out / "secret", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, pool_rows=0, **kw)
+
+
+def _answer_msg(msg, y):
+    body = wire.encode_shielded_message(wire.MSG_ANSWER, msg.step, msg.call, msg.key, y)
+    return wire.decode_shielded_message(body, expect_kind=wire.MSG_ANSWER)
+
+
+def _start(svc, seq, st, defer=False):
+    b = _batch(st)
+    if defer:
+        del b["logits_indices"]
+    frame = wire.decode_shielded_step(wire.encode_shielded_step(0x77, seq, **b, defer_logits=defer))
+    return wire.decode_shielded_message(svc.start_step(frame))
+
+
+def _finish(svc, msg, host, on_ask=None):
+    """Answer asks until the service replies with something else; returns that message."""
+    while msg.kind == wire.MSG_ASK:
+        if on_ask is not None:
+            on_ask(msg)
+        msg = wire.decode_shielded_message(svc.answer(_answer_msg(msg, host(msg.key, msg.payload))))
+    return msg
+
+
+def _rows_of(st, logits):
+    return [(sid, j, logits[r]) for r, (sid, j) in enumerate(st["rows"])]
+
+
+def test_service_advances_each_step_in_the_calling_thread(artifacts, reference):
+    """No worker thread: while the service waits for the host no thread of its own exists, and the
+    logits are those of the in-process executor, bit for bit."""
+    import threading
+
+    steps, ref_rows = reference("llama")
+    svc = _svc(artifacts)
+    host = _Host(svc.executor)
+    rows = _rows_of(steps[0], _finish(svc, _start(svc, 1, steps[0]), host).payload)  # warm-up
+    baseline = set(threading.enumerate())
+    seen = []
+
+    def no_new_thread(msg):
+        seen.append(set(threading.enumerate()) - baseline)
+
+    for i, st in enumerate(steps[1:], start=2):
+        msg = _finish(svc, _start(svc, i, st), host, on_ask=no_new_thread)
+        assert msg.kind == wire.MSG_LOGITS
+        rows += _rows_of(st, msg.payload)
+    assert len(seen) == 9 * (len(steps) - 1) and not any(seen)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, ref_rows))
+    stats = svc.stats()
+    assert stats["steps_started"] == stats["steps_completed"] == len(steps) and stats["steps_aborted"] == 0
+    svc.close()
+
+
+def test_a_new_step_rolls_the_superseded_one_back_before_it_runs(artifacts, reference):
+    """The step in flight has written both layers' K/V when a new frame arrives: by the time the
+    new step's first ask comes back, the cache is what it was before the old step (so no late
+    roll-back can overwrite the new step's writes), and every later step is exact."""
+    steps, ref_rows = reference("llama")
+    svc = _svc(artifacts)
+    host = _Host(svc.executor)
+    rows = _rows_of(steps[0], _finish(svc, _start(svc, 1, steps[0]), host).payload)
+    k0, v0 = svc.executor.cache.k.clone(), svc.executor.cache.v.clone()
+    msg = _start(svc, 2, steps[1])
+    for _ in range(5):
+        msg = wire.decode_shielded_message(svc.answer(_answer_msg(msg, host(msg.key, msg.payload))))
+    assert msg.key == "layers.1.o" and not torch.equal(svc.executor.cache.k, k0)
+    old = msg
+    msg = _start(svc, 3, steps[1])  # supersedes it
+    assert msg.key == "layers.0.qkv"
+    assert torch.equal(svc.executor.cache.k, k0) and torch.equal(svc.executor.cache.v, v0)
+    assert all(lin.pending == 1 if key == "layers.0.qkv" else lin.pending == 0
+               for key, lin in svc.executor._shielded.items())
+    with pytest.raises(StepRejected) as late:
+        svc.answer(_answer_msg(old, host(old.key, old.payload)))
+    assert late.value.status == 409 and "no step" in str(late.value)
+    rows += _rows_of(steps[1], _finish(svc, msg, host).payload)
+    for i, st in enumerate(steps[2:], start=4):
+        rows += _rows_of(st, _finish(svc, _start(svc, i, st), host).payload)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, ref_rows))
+    assert svc.stats()["steps_aborted"] == 1
+    svc.close()
+
+
+def test_an_idle_step_is_aborted_and_rolled_back_by_the_next_call_after_the_timeout(artifacts, reference):
+    import time
+
+    steps, ref_rows = reference("llama")
+    svc = _svc(artifacts, timeout_s=0.3)
+    host = _Host(svc.executor)
+    rows = _rows_of(steps[0], _finish(svc, _start(svc, 1, steps[0]), host).payload)
+    k0, v0 = svc.executor.cache.k.clone(), svc.executor.cache.v.clone()
+    msg = _start(svc, 2, steps[1])
+    for _ in range(5):
+        time.sleep(0.1)  # slower than the timeout in total, but never idle for longer than it
+        msg = wire.decode_shielded_message(svc.answer(_answer_msg(msg, host(msg.key, msg.payload))))
+    time.sleep(0.5)
+    with pytest.raises(StepRejected) as late:
+        svc.answer(_answer_msg(msg, host(msg.key, msg.payload)))
+    assert late.value.status == 409 and "aborted" in str(late.value)
+    assert torch.equal(svc.executor.cache.k, k0) and torch.equal(svc.executor.cache.v, v0)
+    assert all(lin.pending == 0 for lin in svc.executor._shielded.values())
+    assert svc.stats()["steps_aborted"] == 1
+    with pytest.raises(StepRejected) as again:
+        svc.answer(_answer_msg(msg, host(msg.key, msg.payload)))
+    assert again.value.status == 409 and "no step" in str(again.value)
+    # the retried step and the rest are exact
+    for i, st in enumerate(steps[1:], start=3):
+        rows += _rows_of(st, _finish(svc, _start(svc, i, st), host).payload)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, ref_rows))
+    # an LM-head request left idle: aborted, and the ready rows are dropped (fail closed)
+    ready = _finish(svc, _start(svc, 99, steps[0], defer=True), host)
+    assert ready.kind == wire.MSG_READY
+    rows_msg = wire.decode_shielded_message(wire.encode_shielded_message(
+        wire.MSG_ROWS, ready.step, ready.call, "", torch.tensor([[0, 1]])))
+    ask = wire.decode_shielded_message(svc.logits(rows_msg))
+    assert ask.kind == wire.MSG_ASK and ask.key == "lm_head"
+    time.sleep(0.5)
+    with pytest.raises(StepRejected) as late:
+        svc.answer(_answer_msg(ask, host(ask.key, ask.payload)))
+    assert late.value.status == 409 and "aborted" in str(late.value)
+    with pytest.raises(StepRejected) as gone:
+        svc.logits(rows_msg)
+    assert gone.value.status == 409 and "no ready step" in str(gone.value)
+    assert svc.stats()["steps_aborted"] == 2
+    svc.close()
