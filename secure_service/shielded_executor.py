@@ -547,11 +547,13 @@ class ShieldedExecutor:
         for grp in plan:
             s, ql = grp.q_index.shape
             length = grp.slots.shape[1]
-            k = k_flat[grp.slots].permute(0, 2, 3, 1)                      # [S, KVH, D, L]
-            v = v_flat[grp.slots].transpose(1, 2)                          # [S, KVH, L, D]
+            flat = grp.slots.reshape(-1)
+            # [S, KVH, L, D], D contiguous (the product takes K transposed without a copy)
+            k = k_flat.index_select(0, flat).view(s, length, kvh, d).transpose(1, 2).contiguous()
+            v = v_flat.index_select(0, flat).view(s, length, kvh, d).transpose(1, 2).contiguous()
             # query head h = kv_head * g + j (the head order of repeat_interleave over K/V)
             qs = q[grp.q_index].view(s, ql, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(s, kvh, g * ql, d)
-            scores = (qs @ k * self.scaling).view(s, kvh, g, ql, length)
+            scores = (qs @ k.transpose(-1, -2) * self.scaling).view(s, kvh, g, ql, length)
             scores = scores.masked_fill(grp.blocked(window)[:, None, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(s, kvh, g * ql, length)
             o = (probs @ v).view(s, kvh, g, ql, d).permute(0, 3, 1, 2, 4).reshape(s, ql, self.num_heads * d)
