@@ -40,9 +40,10 @@ From an original Hugging Face checkpoint directory: the config through ``AutoCon
 projection W (q, k, v, o, gate, up, down, LM head; the LM head is the embedding when tied) is split
 by ``decompose.split_matrix`` (with blinding and a ``RankPolicy``) into W_C (factors) + W_D; W_D is
 quantized per output channel to int8.  Fused layers concatenate the public rows ([W_q; W_k; W_v],
-[W_gate; W_up]), their low-rank factors as a block-diagonal left factor and stacked right factors,
-and their biases (``fuse_splits``).  One prime p for the whole model from ``quantize.select_prime``.  The split itself
-is ``split_checkpoint`` (also used by ``slip protect --protocol shielded``).
+[W_gate; W_up]) and their biases, stack their right factors and keep one left factor per part
+(``fuse_splits``, ``quantize.LowRankFactors``).  One prime p for the whole model from
+``quantize.select_prime``.  The split itself is ``split_checkpoint`` (also used by ``slip protect
+--protocol shielded``).
 
 Build (``from_bundle``)
 -----------------------
@@ -69,8 +70,8 @@ For every decoder layer l:
    sliding window).  Vectorized over sequences: once per step the sequences are put in at most two
    groups (the decodes, q_len = 1, and the others), each padded to its longest q_len and seq_len
    with a boolean mask for causality, window and padding (``_AttentionGroup``); per layer and group
-   one gather of K/V, one batched product, one float32 softmax, one product with V; grouped-query
-   heads share K/V without copies.  Separating the decodes keeps a long prefill from padding every
+   one gather of K/V, one batched product, one float32 softmax, one product with V; the query heads
+   of a group share their K/V head (no per-head repeat of K/V).  Separating the decodes keeps a long prefill from padding every
    decode row of the step to its length.
 4. service -> host -> service: masked GEMM "layers.l.o"; h = h + o.
 5. service: x = post_attention_norm(h); masked GEMM "layers.l.gate_up" -> [gate; up];
@@ -353,9 +354,10 @@ class _Layer:
 class ShieldedExecutor:
     """Trusted-side forward of a Llama-family model whose projections run as masked host GEMMs.
 
-    Build it with ``from_checkpoint``.  ``step`` runs one batch (see the module docstring);
-    ``public_weights()`` is what the host gets; ``host_calls`` lists the layer keys of the last
-    step's host calls, in order.
+    Build it with ``from_checkpoint`` or ``from_bundle``.  ``step`` runs one batch with a host
+    callback, ``step_gen`` the same as a generator driven by its caller (see the module
+    docstring); ``public_weights()`` is what the host gets; ``host_calls`` lists the layer keys of
+    the last step's host calls, in order.
     """
 
     def __init__(self, config, splits: Dict[str, FusedSplit], embed: torch.Tensor, norms: Dict[str, torch.Tensor],
