@@ -206,13 +206,18 @@ def test_a_bundle_whose_left_factor_is_not_block_diagonal_is_refused(artifacts, 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_served_steps_equal_the_executor_and_track_transformers(artifacts, services, reference, name):
+def _url(service, transport: str) -> str:
+    """The service's address for the host driver: its shared-memory channel or HTTP."""
+    return service.url.replace("http://", "shm://") if transport == "shm" else service.url
+
+
+@pytest.mark.parametrize(("name", "transport"), [("llama", "shm"), ("qwen2", "http")])
+def test_served_steps_equal_the_executor_and_track_transformers(artifacts, services, reference, name, transport):
     model_dir, out = artifacts[name]
     service = services(name)
     steps, ref_rows = reference(name)
     before = _stats(service)["shielded"]
-    with ShieldedHost(out / "public", service.url, record=True) as host:
+    with ShieldedHost(out / "public", _url(service, transport), record=True) as host:
         rows, calls = [], []
         for st in steps:
             rows += _serve(host, [st])
@@ -258,7 +263,8 @@ def test_tampering_host_gets_an_integrity_error_and_the_next_step_succeeds(artif
             return y
 
     alarms = _stats(service)["shielded"]["integrity_alarms"]
-    with ShieldedHost(out / "public", service.url) as honest, Tampering(out / "public", service.url) as bad:
+    url = _url(service, "shm")  # the cheating host's answers travel over the shared-memory channel
+    with ShieldedHost(out / "public", url) as honest, Tampering(out / "public", url) as bad:
         _serve(honest, steps[:2])
         with pytest.raises(ShieldedServiceError) as err:
             bad.step(**_batch(steps[2]))
@@ -423,7 +429,7 @@ def test_info_reveals_no_secrets_and_the_split_plane_is_closed(artifacts, servic
     assert info["p"] == manifest.extra["p"]  # public: the host holds p
     assert set(info) == {"protocol", "architecture", "model_type", "public_manifest_sha256", "tensors",
                          "secret_parameters", "p", "masked_gemms_per_step", "kv_blocks", "block_size",
-                         "steps_in_flight_max"}
+                         "steps_in_flight_max", "data_planes"}
     r = httpx.post(service.url + "/v1/split/apply", content=b"x" * 64)
     assert r.status_code == 403
 
