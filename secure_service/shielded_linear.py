@@ -31,8 +31,9 @@ Online, per step:
         service's own x~; on any failure: alarm, destroy the masks, raise ``IntegrityError``
         (fail closed: the whole step is refused, nothing unmasked);
      c. y_q = centered_lift((y~ - W_q r) mod p), exact integers (= W_q x_q by the bound on p);
-     d. y = y_q * s_w * s_x in float64, + W_C x (float32, from the factors cached at construction:
-        ``quantize.LowRankFactors``; see its "Precision of W_C x"), + b; cast;
+     d. y = y_q * s_w * s_x in float64, + W_C x (float32, from the factors converted once at
+        construction, ``quantize.LowRankFactors``; why float32: "Precision of W_C x" in
+        ``slip_vllm.core.quantize``), + b; cast;
      e. overwrite the masks.
 Costs: step 1 and 3c-3d are O(n + m) per row online; 3b is O(t (n + m)) per row; the background
 precompute of W_q r is O(m n) per row (the price of information-theoretic hiding); W_C x is
