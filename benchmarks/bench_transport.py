@@ -12,8 +12,8 @@ trivial and the figure is the transport's) and at the default rank 1/8 (what a r
 Transports:
   * ``http``: keep-alive HTTP/1.1, httpx -> uvicorn/FastAPI on TCP loopback (the non-colocated path);
   * ``shm``: the colocated shared-memory channel (``SLIP_SERVICE_URL=shm://...``);
-  * ``shm-echo``: the same channel with an in-process echo thread instead of the service (no
-    framing, no checks, no compute): the floor of the channel mechanism itself in Python.
+  * ``shm-echo``: the same channel with an echo process instead of the service (no framing, no
+    checks, no compute): the floor of the channel mechanism itself in Python.
 
 Then, with a channel attached and no traffic for ``--idle-s`` seconds, the CPU time of the service
 process (utime + stime from /proc) as a share of one core.
@@ -31,7 +31,6 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -91,13 +90,14 @@ def time_calls(transport, tid: int, x: torch.Tensor, calls: int) -> list[float]:
 
 
 def echo_channel(capacity: int, spin_s: float):
-    """A host end and an echo thread on the other end of a real channel (no service)."""
+    """A host end here and an echo on the other end of a real channel, in a forked process (a
+    thread would share this process's GIL with the spinning host); no service logic."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = Channel.create_segment(capacity, 1)
-    host = Channel(os.dup(fd), a, "host", spin_s=spin_s)
-    peer = Channel(fd, b, "service", spin_s=spin_s)
-
-    def serve():
+    pid = os.fork()
+    if pid == 0:  # the echo
+        a.close()
+        peer = Channel(fd, b, "service", spin_s=spin_s)
         last = 0
         try:
             while True:
@@ -112,9 +112,9 @@ def echo_channel(capacity: int, spin_s: float):
                 last = seq
         except (ChannelClosed, ValueError):
             pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    return host
+        os._exit(0)
+    b.close()
+    return Channel(fd, a, "host", spin_s=spin_s), pid
 
 
 def time_echo(host: Channel, x: torch.Tensor, calls: int) -> list[float]:
@@ -179,11 +179,12 @@ def main() -> int:
                         c0, t0 = cpu_seconds(service.proc.pid), time.monotonic()
                         time.sleep(args.idle_s)
                         idle = (cpu_seconds(service.proc.pid) - c0) / (time.monotonic() - t0)
-    host = echo_channel(1 << 20, spin_us * 1e-6)
+    host, echo_pid = echo_channel(1 << 20, spin_us * 1e-6)
     for shape in SHAPES:
         times = time_echo(host, torch.randn(*shape), args.calls)
-        rows.append(("shm-echo", "no service", shape, percentile(times, 50), percentile(times, 99)))
+        rows.append(("shm-echo", "no service (echo process)", shape, percentile(times, 50), percentile(times, 99)))
     host.close()
+    os.waitpid(echo_pid, 0)
     print(f"machine: load average after {os.getloadavg()}")
     print()
     print("| transport | service-side operation | payload | p50 round trip | p99 round trip |")

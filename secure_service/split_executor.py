@@ -15,10 +15,21 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 from secure_service.bundle import Bundle, SecretTensor, is_embedding
 from slip_vllm.core.wire import KIND_EMBED, KIND_LINEAR, Request
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in the CPU tensor ``x``, checked in numpy (measured 6 us for 32 x 1024
+    float32 where ``torch.isfinite(x).all()`` took 90 us here).  bfloat16 has no numpy type: an
+    element is not finite iff its 8 exponent bits are all ones."""
+    if x.dtype == torch.bfloat16:
+        exponent = np.right_shift(x.contiguous().view(torch.int16).numpy(), 7) & 0xFF
+        return not bool((exponent == 0xFF).any())
+    return bool(np.isfinite(x.numpy()).all())
 
 
 class RequestRejected(ValueError):
@@ -95,7 +106,7 @@ class SplitExecutor:
         if x.shape[1] != plan.in_width:
             raise RequestRejected(422, f"rows have {x.shape[1]} features; tensors {req.tensor_ids} take "
                                        f"{plan.in_width}")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise RequestRejected(422, "input rows hold NaN or Inf")
         if out is None:
             out = torch.empty(x.shape[0], sum(plan.widths), dtype=x.dtype)

@@ -120,10 +120,11 @@ def _tensor_from(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...], co
 
 def tensor_bytes_view(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a CPU tensor as a flat uint8 tensor (no copy when ``t`` is contiguous)."""
-    t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
-    return t.contiguous().reshape(-1).view(torch.uint8)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.detach().view(-1).view(torch.uint8)
 
 
 def request_header(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: torch.Tensor,
@@ -179,7 +180,7 @@ def decode_request(body: bytes | memoryview, *, copy: bool = True) -> Request:
     if len(view) < ids_end:
         raise WireError("frame truncated inside its tensor-id list")
     ids = struct.unpack_from(f"<{n_ids}I", view, offset)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     expected = ids_end + rows * cols * itemsize
     if len(view) != expected:
         raise WireError(f"payload length {len(view) - ids_end} bytes does not match "
@@ -202,7 +203,7 @@ def encode_reply(result: torch.Tensor) -> bytes:
 def reply_into(buf: memoryview, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
     """Write a reply header into ``buf`` and return the [rows, cols] tensor over the rest of the
     frame, for the caller to compute the result into (no intermediate copy)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     size = _REPLY_HEAD.size + rows * cols * itemsize
     if len(buf) < size:
         raise WireError(f"reply of {size} bytes does not fit a {len(buf)}-byte buffer")
@@ -211,7 +212,7 @@ def reply_into(buf: memoryview, dtype: torch.dtype, rows: int, cols: int) -> tor
 
 
 def reply_size(dtype: torch.dtype, rows: int, cols: int) -> int:
-    return _REPLY_HEAD.size + rows * cols * torch.empty(0, dtype=dtype).element_size()
+    return _REPLY_HEAD.size + rows * cols * dtype.itemsize
 
 
 def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
@@ -226,7 +227,7 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
     if code not in _CODE_TO_DTYPE:
         raise WireError(f"unknown dtype code {code}")
     dtype = _CODE_TO_DTYPE[code]
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(view) != _REPLY_HEAD.size + rows * cols * itemsize:
         raise WireError("reply payload length does not match its header")
     if expect_rows is not None and rows != expect_rows:
@@ -391,7 +392,7 @@ def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = 
     if rows == 0 or cols == 0:
         raise WireError("empty payload")
     dtype = _MSG_DTYPES[code]
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     expected = _MSG_HEAD.size + key_len + rows * cols * itemsize
     if len(view) != expected:
         raise WireError(f"message is {len(view)} bytes, its header describes {expected}")
