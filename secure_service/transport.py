@@ -109,7 +109,7 @@ def mount_http(app: FastAPI, plane: DataPlane, *, token: str, max_body_bytes: in
                 n = await run_in_threadpool(plane.handle, endpoint, memoryview(body), sink)
             except Rejected as exc:  # counted by the data plane
                 return error_response(exc.status, exc.message)
-            return Response(content=bytes(memoryview(out[-1])[:n]), media_type=OCTET)
+            return Response(content=memoryview(out[-1])[:n], media_type=OCTET)
 
         return call
 

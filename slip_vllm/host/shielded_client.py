@@ -123,9 +123,10 @@ class ShieldedHost:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _post(self, endpoint: int, body: bytes) -> bytes:
-        """One exchange; the reply is copied out (it is decoded into private tensors anyway)."""
-        return bytes(self.transport.call(endpoint, body))
+    def _post(self, endpoint: int, body: bytes) -> memoryview:
+        """One exchange; the reply is valid until the next one (``_drive`` decodes it, which copies
+        its payload out, before it posts again)."""
+        return self.transport.call(endpoint, body)
 
     def compute(self, key: str, x_masked: torch.Tensor) -> torch.Tensor:
         """Step 3: y~ = W_q[key] x~ mod p."""
