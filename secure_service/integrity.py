@@ -5,6 +5,8 @@ What this module owns
 * ``FreivaldsKey``: per layer, t secret vectors u_1..u_t uniform in Z_p^m (CSPRNG) and their
   images a_j = u_j^T W_q mod p in Z_p^n; ``check`` / ``verify`` test a host answer y~ for the
   service's own masked input x~ row by row: u_j . y~_t == a_j . x~_t (mod p) for every j;
+* ``key_images``: the images u_j^T W_q, built in chunks of W_q's rows so that any output width
+  (a 128 256-token vocabulary) stays within the field GEMM's exactness bound;
 * ``IntegrityError`` (a wrong, out-of-range or replayed answer: the step fails closed) and
   ``AlarmCounter`` (counts them; the service stays up).
 
@@ -48,9 +50,10 @@ from typing import Dict, Hashable, List, Optional, Union
 import torch
 
 from secure_service.masks import csprng_field_elements
+from slip_vllm.core.field import MAX_N
 from slip_vllm.core.quantize import PublicWeight
 
-__all__ = ["IntegrityError", "ReplayError", "AlarmCounter", "FreivaldsKey", "dot_mod"]
+__all__ = ["IntegrityError", "ReplayError", "AlarmCounter", "FreivaldsKey", "dot_mod", "key_images"]
 
 _A_BITS = 20        # limb width of the operand (y~ or x~)
 _V_BITS = 14        # limb width of the key vectors
@@ -156,6 +159,31 @@ def dot_mod(a: torch.Tensor, key_limbs: torch.Tensor, p: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def key_images(weight: PublicWeight, u: torch.Tensor, chunk: int = MAX_N) -> torch.Tensor:
+    """a_j = u_j^T W_q mod p for W_q [m, n] and u int64 [t, m] in [0, p): int64 [t, n] in [0, p).
+
+    u^T W_q = (W_q^T u)^T is a field GEMM whose inner dimension is m (the layer's output width:
+    the vocabulary for the LM head).  The field GEMM is exact only for inner dimensions up to
+    ``field.MAX_N`` = 2^16 (its float64/int32 partial sums stay below their bounds), so for m above
+    that the rows of W_q are taken in chunks of at most ``chunk`` and the partial images, each in
+    [0, p), are added mod p (exact in int64: two values below 2^40).  Llama-3's 128 256-row LM head
+    needs two chunks; a smaller layer one, which is the former single product.
+    """
+    if not 1 <= chunk <= MAX_N:
+        raise ValueError(f"chunk must lie in 1..{MAX_N}")
+    m = weight.m
+    if u.dim() != 2 or u.shape[1] != m:
+        raise ValueError(f"u must be [t, {m}]")
+    acc = None
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        part = PublicWeight(weight.w_q[s:e].t().contiguous(), weight.p).matmul(u[:, s:e].contiguous())
+        acc = part if acc is None else torch.remainder(acc + part, weight.p)
+    if acc is None:
+        acc = torch.zeros((u.shape[0], weight.n), dtype=torch.int64)
+    return acc
+
+
 def default_vectors(p: int, security_bits: int = 64) -> int:
     """The smallest t with p^-t <= 2^-security_bits."""
     return max(1, math.ceil(security_bits / math.log2(p)))
@@ -188,8 +216,7 @@ class FreivaldsKey:
             raise ValueError("u must lie in [0, p)")
         self.u = u
         self.t = int(u.shape[0])
-        # a_j = u_j^T W_q mod p = (W_q^T u_j)^T: the field GEMM with W_q^T as the weight
-        self.uw = weight.transposed().matmul(u)  # int64 [t, n] in [0, p)
+        self.uw = key_images(weight, u)  # int64 [t, n] in [0, p)
         self._u_limbs = _key_limbs(self.u)
         self._uw_limbs = _key_limbs(self.uw)
 

@@ -181,3 +181,37 @@ def test_key_from_stored_vectors_and_mismatch():
     y = PublicWeight(q.w_q, p).matmul(x)
     y[:, 0] = (y[:, 0] + 1) % p
     assert not bool(k.check(x, y).any())
+
+
+def test_the_key_of_a_128k_vocabulary_lm_head_is_exact_and_catches_a_tampered_row():
+    """Llama-3's LM head has 128 256 output rows.  u^T W_q is a field GEMM whose inner dimension is
+    that width, beyond the field GEMM's exactness bound (2^16 terms): a single product is refused,
+    and ``key_images`` builds it in two chunks.  Checked against Python integers on every entry,
+    then an honest answer passes and one changed value is caught."""
+    from slip_vllm.core.field import MAX_N, field_matmul_reference
+    from secure_service.integrity import key_images
+
+    vocab, n = 128_256, 6
+    g = torch.Generator().manual_seed(5)
+    w_q = torch.randint(-127, 128, (vocab, n), dtype=torch.int8, generator=g)
+    weight = PublicWeight(w_q, P40)
+    with pytest.raises(ValueError, match="MAX_N"):
+        weight.transposed()  # the former construction: inner dimension 128 256 > 2^16
+    rng = random.Random(6)
+    u = torch.tensor([[rng.randrange(P40) for _ in range(vocab)] for _ in range(2)], dtype=torch.int64)
+    key = FreivaldsKey(weight, u=u, layer_id="lm_head")
+    assert vocab > MAX_N and key.uw.shape == (2, n)
+    ws, us = w_q.t().tolist(), u.tolist()
+    want = [[sum(a * b for a, b in zip(ur, wc)) % P40 for wc in ws] for ur in us]
+    assert key.uw.tolist() == want
+    # a smaller chunk (three, uneven) gives the same images
+    assert torch.equal(key_images(weight, u, chunk=50_000), key.uw)
+    x = torch.tensor([[rng.randrange(P40) for _ in range(n)] for _ in range(3)], dtype=torch.int64)
+    y = weight.matmul(x)
+    assert torch.equal(y[:, :5], field_matmul_reference(x, w_q[:5], P40))
+    key.verify(x, y)
+    bad = y.clone()
+    bad[1, 100_000] = (bad[1, 100_000] + 1) % P40  # a row of the second chunk
+    with pytest.raises(IntegrityError) as err:
+        key.verify(x, bad)
+    assert err.value.rows == [1]
