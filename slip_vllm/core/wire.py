@@ -20,12 +20,14 @@ Request frame (all integers little-endian)::
 
 Reply frame::
 
-    magic   4s   b"SLR1"
-    dtype   u8
-    pad     3x
-    rows    u32
-    cols    u32
-    payload rows*cols*itemsize bytes
+    magic    4s   b"SLR2"
+    dtype    u8
+    pad      3x
+    rows     u32
+    cols     u32
+    instance u64  the answering service process's instance id (``/v1/info``: a service restart is
+                  visible in the next reply)
+    payload  rows*cols*itemsize bytes
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ ENDPOINT_PATHS = {
 }
 
 REQUEST_MAGIC = b"SLQ1"
-REPLY_MAGIC = b"SLR1"
+REPLY_MAGIC = b"SLR2"
 KIND_LINEAR = 1
 KIND_EMBED = 2
 MAX_IDS = 16
 
 _REQ_HEAD = struct.Struct("<4sBBHIIQQ")
-_REPLY_HEAD = struct.Struct("<4sB3xII")
+_REPLY_HEAD = struct.Struct("<4sB3xIIQ")
+_U64 = 2**64 - 1
 
 DTYPE_FLOAT32 = 0
 DTYPE_BFLOAT16 = 1
@@ -193,26 +196,34 @@ def decode_request(body: bytes | memoryview, *, copy: bool = True) -> Request:
 REPLY_HEADER_BYTES = _REPLY_HEAD.size
 
 
-def encode_reply(result: torch.Tensor) -> bytes:
+def encode_reply(result: torch.Tensor, instance: int = 0) -> bytes:
     if result.dim() != 2:
         raise WireError("reply must be [rows, cols]")
     rows, cols = result.shape
-    return _REPLY_HEAD.pack(REPLY_MAGIC, dtype_code(result.dtype), rows, cols) + _tensor_bytes(result)
+    return (_REPLY_HEAD.pack(REPLY_MAGIC, dtype_code(result.dtype), rows, cols, instance & _U64)
+            + _tensor_bytes(result))
 
 
-def reply_into(buf: memoryview, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+def reply_into(buf: memoryview, dtype: torch.dtype, rows: int, cols: int, instance: int = 0) -> torch.Tensor:
     """Write a reply header into ``buf`` and return the [rows, cols] tensor over the rest of the
     frame, for the caller to compute the result into (no intermediate copy)."""
     itemsize = dtype.itemsize
     size = _REPLY_HEAD.size + rows * cols * itemsize
     if len(buf) < size:
         raise WireError(f"reply of {size} bytes does not fit a {len(buf)}-byte buffer")
-    _REPLY_HEAD.pack_into(buf, 0, REPLY_MAGIC, dtype_code(dtype), rows, cols)
+    _REPLY_HEAD.pack_into(buf, 0, REPLY_MAGIC, dtype_code(dtype), rows, cols, instance & _U64)
     return torch.frombuffer(buf, dtype=dtype, count=rows * cols, offset=_REPLY_HEAD.size).view(rows, cols)
 
 
 def reply_size(dtype: torch.dtype, rows: int, cols: int) -> int:
     return _REPLY_HEAD.size + rows * cols * dtype.itemsize
+
+
+def reply_instance(body: bytes | memoryview) -> int:
+    """The instance id in a reply frame's header (0 if the frame is too short to hold one)."""
+    if len(body) < _REPLY_HEAD.size:
+        return 0
+    return _REPLY_HEAD.unpack_from(body, 0)[4]
 
 
 def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
@@ -221,7 +232,7 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
     view = memoryview(body)
     if len(view) < _REPLY_HEAD.size:
         raise WireError("reply shorter than its header")
-    magic, code, rows, cols = _REPLY_HEAD.unpack_from(view, 0)
+    magic, code, rows, cols, _instance = _REPLY_HEAD.unpack_from(view, 0)
     if magic != REPLY_MAGIC:
         raise WireError("bad magic: not a SLIP reply frame")
     if code not in _CODE_TO_DTYPE:
@@ -243,7 +254,7 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
 #
 # Step frame (host -> service, POST /v1/shielded/step), the batch metadata of one engine step::
 #
-#     magic    4s   b"SLS1"
+#     magic    4s   b"SLS2"
 #     tokens   u32  N, the flattened tokens of the step (>= 1)
 #     seqs     u32  S, the sequences of the step (>= 1)
 #     blocks   u32  B, the width of the block table
@@ -251,12 +262,15 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
 #                   DEFER_LOGITS: none now, the host asks later with MSG_ROWS frames)
 #     session  u64  random id of the calling process
 #     seq      u64  strictly increasing per session
+#     instance u64  the service instance whose KV cache the host's view describes (0: none yet)
+#     epoch    u64  the KV epoch of that view; 0 claims the service: it becomes this session's,
+#                   its KV cache is emptied and a new epoch begins (see shielded_api)
 #     then int64 arrays: input_ids[N], positions[N], slot_mapping[N], query_start_loc[S+1],
 #                        seq_lens[S], block_tables[S*B] (row-major), logits_indices[R]
 #
 # Message frame (both directions, POST /v1/shielded/gemm and the replies)::
 #
-#     magic    4s   b"SLM1"
+#     magic    4s   b"SLM2"
 #     kind     u8   MSG_ASK (service -> host: multiply x~ by W_q[key]) | MSG_ANSWER (host -> service:
 #                   y~ for the ask) | MSG_LOGITS (service -> host: float logits) | MSG_READY (service ->
 #                   host: the layers of a deferred step are done; payload [[N]]) | MSG_ROWS (host ->
@@ -268,11 +282,13 @@ def decode_reply(body: bytes | memoryview, expect_rows: int | None = None,
 #     step     u64  the step id the service gave out
 #     rows     u32
 #     cols     u32
+#     instance u64  service -> host: the service's instance id; host -> service: the one it expects
+#     epoch    u64  the same for the KV epoch
 #     key      key_len bytes
 #     payload  rows*cols*itemsize bytes
 
-STEP_MAGIC = b"SLS1"
-MSG_MAGIC = b"SLM1"
+STEP_MAGIC = b"SLS2"
+MSG_MAGIC = b"SLM2"
 MSG_ASK = 1
 MSG_ANSWER = 2
 MSG_LOGITS = 3
@@ -281,8 +297,8 @@ MSG_ROWS = 5
 DEFER_LOGITS = 0xFFFFFFFF  # the step frame's logits count that means "rows come later"
 DTYPE_INT64 = 4
 MAX_KEY_LEN = 64
-_STEP_HEAD = struct.Struct("<4sIIIIQQ")
-_MSG_HEAD = struct.Struct("<4sBBHIQII")
+_STEP_HEAD = struct.Struct("<4sIIIIQQQQ")
+_MSG_HEAD = struct.Struct("<4sBBHIQIIQQ")
 _MSG_DTYPES = {DTYPE_INT64: torch.int64, DTYPE_FLOAT32: torch.float32}
 _MSG_KIND_DTYPE = {MSG_ASK: DTYPE_INT64, MSG_ANSWER: DTYPE_INT64, MSG_LOGITS: DTYPE_FLOAT32,
                    MSG_READY: DTYPE_INT64, MSG_ROWS: DTYPE_INT64}
@@ -302,6 +318,8 @@ class ShieldedStep:
     block_tables: torch.Tensor     # int64 [S, B]
     logits_indices: torch.Tensor | None  # int64 [R], None: the last token of every sequence
     defer_logits: bool = False     # True: no logits now; the host sends MSG_ROWS after MSG_READY
+    instance: int = 0              # the service instance the host's KV view belongs to (0: none)
+    epoch: int = 0                 # its KV epoch (0: claim the service, start a new epoch)
 
 
 @dataclass(frozen=True)
@@ -311,6 +329,8 @@ class ShieldedMessage:
     call: int
     key: str
     payload: torch.Tensor  # int64 [rows, cols] (ASK/ANSWER) or float32 [rows, cols] (LOGITS)
+    instance: int = 0      # service -> host: the service's instance; host -> service: the expected one
+    epoch: int = 0         # the same for the KV epoch
 
 
 def _i64(t) -> torch.Tensor:
@@ -318,7 +338,8 @@ def _i64(t) -> torch.Tensor:
 
 
 def encode_shielded_step(session: int, seq: int, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
-                         block_tables, logits_indices=None, *, defer_logits: bool = False) -> bytes:
+                         block_tables, logits_indices=None, *, defer_logits: bool = False, instance: int = 0,
+                         epoch: int = 0) -> bytes:
     bt = torch.as_tensor(block_tables).to(torch.int64)
     if bt.dim() != 2:
         raise WireError("block_tables must be [S, B]")
@@ -328,7 +349,7 @@ def encode_shielded_step(session: int, seq: int, input_ids, positions, slot_mapp
               bt.reshape(-1), _i64(logits_indices) if logits_indices is not None else torch.empty(0, dtype=torch.int64)]
     n, s, r = arrays[0].numel(), arrays[4].numel(), arrays[6].numel()
     head = _STEP_HEAD.pack(STEP_MAGIC, n, s, int(bt.shape[1]), DEFER_LOGITS if defer_logits else r,
-                           session & (2**64 - 1), seq & (2**64 - 1))
+                           session & _U64, seq & _U64, instance & _U64, epoch & _U64)
     return head + b"".join(a.contiguous().numpy().astype("<i8").tobytes() for a in arrays)
 
 
@@ -336,7 +357,7 @@ def decode_shielded_step(body: bytes | memoryview) -> ShieldedStep:
     view = memoryview(body)
     if len(view) < _STEP_HEAD.size:
         raise WireError(f"step frame shorter than its {_STEP_HEAD.size}-byte header")
-    magic, n, s, b, r, session, seq = _STEP_HEAD.unpack_from(view, 0)
+    magic, n, s, b, r, session, seq, instance, epoch = _STEP_HEAD.unpack_from(view, 0)
     if magic != STEP_MAGIC:
         raise WireError("bad magic: not a SLIP shielded step frame")
     if n == 0 or s == 0 or b == 0:
@@ -356,10 +377,11 @@ def decode_shielded_step(body: bytes | memoryview) -> ShieldedStep:
     out["block_tables"] = out["block_tables"].reshape(s, b)
     if r == 0:
         out["logits_indices"] = None
-    return ShieldedStep(session=session, seq=seq, defer_logits=defer, **out)
+    return ShieldedStep(session=session, seq=seq, defer_logits=defer, instance=instance, epoch=epoch, **out)
 
 
-def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: torch.Tensor) -> bytes:
+def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: torch.Tensor, *,
+                            instance: int = 0, epoch: int = 0) -> bytes:
     if kind not in _MSG_KIND_DTYPE:
         raise WireError(f"unknown message kind {kind}")
     dtype = _MSG_DTYPES[_MSG_KIND_DTYPE[kind]]
@@ -369,7 +391,8 @@ def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: 
     if len(raw_key) > MAX_KEY_LEN:
         raise WireError("layer key too long")
     rows, cols = payload.shape
-    head = _MSG_HEAD.pack(MSG_MAGIC, kind, _MSG_KIND_DTYPE[kind], len(raw_key), call, step & (2**64 - 1), rows, cols)
+    head = _MSG_HEAD.pack(MSG_MAGIC, kind, _MSG_KIND_DTYPE[kind], len(raw_key), call, step & _U64, rows, cols,
+                          instance & _U64, epoch & _U64)
     data = payload.detach().cpu().contiguous().numpy()
     return head + raw_key + data.astype(data.dtype.newbyteorder("<")).tobytes()
 
@@ -378,7 +401,7 @@ def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = 
     view = memoryview(body)
     if len(view) < _MSG_HEAD.size:
         raise WireError(f"message shorter than its {_MSG_HEAD.size}-byte header")
-    magic, kind, code, key_len, call, step, rows, cols = _MSG_HEAD.unpack_from(view, 0)
+    magic, kind, code, key_len, call, step, rows, cols, instance, epoch = _MSG_HEAD.unpack_from(view, 0)
     if magic != MSG_MAGIC:
         raise WireError("bad magic: not a SLIP shielded message")
     if kind not in _MSG_KIND_DTYPE:
@@ -403,4 +426,4 @@ def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = 
     np_dtype = "<i8" if dtype == torch.int64 else "<f4"
     arr = np.frombuffer(view[_MSG_HEAD.size + key_len:], dtype=np_dtype)
     payload = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(rows, cols)
-    return ShieldedMessage(kind=kind, step=step, call=call, key=key, payload=payload)
+    return ShieldedMessage(kind=kind, step=step, call=call, key=key, payload=payload, instance=instance, epoch=epoch)

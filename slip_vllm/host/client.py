@@ -9,11 +9,17 @@ over HTTP one background thread carries the call.  ``Pending.result()`` then ret
 on shared memory as a view of the reply area (valid until the next ``submit``: the caller adds it
 to its output at once).
 
-Failures: every call has a timeout and a bounded number of retries (each retry is a new frame with
-a new sequence number, on a fresh channel if the old one broke).  When the service stays
-unreachable the call raises ``ServiceUnavailable`` and a short circuit breaker makes the remaining
-calls of the same step fail at once instead of each waiting out its own retries.  A refusal (4xx)
-is not retried.
+Failures: every call has a timeout that grows with its rows (``timeout_s + rows *
+timeout_per_row_s``).  A call that could not be delivered (connection refused, channel broken) is
+retried a bounded number of times (each retry is a new frame with a new sequence number, on a fresh
+channel); a call that timed out is not (a hung service would only be waited for again), nor is a
+refusal (4xx).  Then the call raises ``ServiceUnavailable``, and a short circuit breaker makes the
+calls of the next moment fail at once (the running step skips its remaining calls anyway:
+``host.failure``).
+
+Identity: every reply carries the answering service's instance id; a change (the service
+restarted) is logged.  Protocol split keeps no state in the service between calls, so nothing
+computed before the restart depends on it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from slip_vllm.core.wire import EP_SPLIT_APPLY, WireError, decode_reply, request_header
-from slip_vllm.host.transport import ServiceRefused, TransportError, open_transport
+from slip_vllm.core.wire import EP_SPLIT_APPLY, WireError, decode_reply, reply_instance, request_header
+from slip_vllm.host.transport import ServiceRefused, TransportError, TransportTimeout, open_transport
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 BREAKER_OPEN_S = 1.0
@@ -42,7 +48,8 @@ class ClientConfig:
     url: str
     manifest_sha256: str = ""
     token: str = ""
-    timeout_s: float = 30.0
+    timeout_s: float = 10.0
+    timeout_per_row_s: float = 0.0
     retries: int = 2
     backoff_s: float = 0.2
     spin_s: float = 50e-6
@@ -67,13 +74,14 @@ class ServiceClient:
                                         timeout_s=config.timeout_s, spin_s=config.spin_s)
         self._seq = itertools.count(1)
         self._open_until = 0.0
+        self.instance = 0  # of the service that answered last
         self.calls = 0
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def _send(self, kind: int, tensor_ids: tuple[int, ...], payload: torch.Tensor) -> None:
+    def _send(self, kind: int, tensor_ids: tuple[int, ...], payload: torch.Tensor, timeout: float) -> None:
         header, payload = request_header(kind, tensor_ids, payload, self.transport.session, next(self._seq))
-        self.transport.send(EP_SPLIT_APPLY, header, payload)
+        self.transport.send(EP_SPLIT_APPLY, header, payload, timeout)
         self.bytes_sent += len(header) + payload.numel() * payload.element_size()
 
     def submit(self, kind: int, tensor_ids: tuple[int, ...], payload: torch.Tensor, rows: int,
@@ -84,27 +92,29 @@ class ServiceClient:
         if payload.device.type != "cpu":
             payload = payload.to("cpu")
         error = None
+        timeout = self.config.timeout_s + rows * self.config.timeout_per_row_s
         try:
-            self._send(kind, tensor_ids, payload)
+            self._send(kind, tensor_ids, payload, timeout)
         except (TransportError, ServiceRefused) as exc:
             error = exc
-        return Pending(self, (kind, tensor_ids, payload, rows, cols, error))
+        return Pending(self, (kind, tensor_ids, payload, rows, cols, timeout, error))
 
-    def _finish(self, kind, tensor_ids, payload, rows, cols, error) -> torch.Tensor:
+    def _finish(self, kind, tensor_ids, payload, rows, cols, timeout, error) -> torch.Tensor:
         delay = self.config.backoff_s
         for attempt in range(self.config.retries + 1):
             if attempt:
                 time.sleep(delay)
                 delay *= 2
                 try:
-                    self._send(kind, tensor_ids, payload)
+                    self._send(kind, tensor_ids, payload, timeout)
                     error = None
                 except (TransportError, ServiceRefused) as exc:
                     error = exc
             if error is None:
                 try:
-                    body = self.transport.receive()
+                    body = self.transport.receive(timeout)
                     result = decode_reply(body, expect_rows=rows, expect_cols=cols, copy=False)
+                    self._note_instance(reply_instance(body))
                     self.calls += 1
                     self.bytes_received += len(body)
                     return result
@@ -113,9 +123,17 @@ class ServiceClient:
             if isinstance(error, ServiceRefused) and 400 <= error.status < 500:
                 # The service understood and refused: retrying the same frame cannot help.
                 raise ServiceUnavailable(f"secure service refused a call ({error.status}): {error.message[:300]}")
+            if isinstance(error, TransportTimeout):
+                break  # a hung service: retrying would wait again
         self._open_until = time.monotonic() + BREAKER_OPEN_S
-        raise ServiceUnavailable(f"secure service at {self.config.url} unreachable after "
-                                 f"{self.config.retries + 1} attempts: {error}")
+        raise ServiceUnavailable(f"secure service at {self.config.url} did not answer: {error}")
+
+    def _note_instance(self, instance: int) -> None:
+        if instance != self.instance:
+            if self.instance:
+                log.warning("SLIP: the secure service restarted (instance %#x -> %#x); protocol split keeps no "
+                            "state there, nothing to reset", self.instance, instance)
+            self.instance = instance
 
     def close(self) -> None:
         self.transport.close()

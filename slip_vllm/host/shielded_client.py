@@ -24,7 +24,15 @@ logits rows after the forward): the step frame asks for no logits; steps 2-3 rep
 then each ``logits(rows)`` sends MSG_ROWS (endpoint /v1/shielded/logits) and runs steps 2-3 once more
 for the LM head until MSG_LOGITS.
 A refusal (4xx/5xx) raises ``ShieldedServiceError`` with the service's status and message; a
-broken transport ``TransportError``.
+broken transport ``TransportError``.  Every wait for a reply has a timeout that grows with the
+step's token rows (``timeout + rows * timeout_per_row_s``).
+
+Service identity: every step frame carries the service instance and KV epoch the host believes its
+KV view belongs to; epoch 0 claims the service (it becomes this host's, empties its KV mirror and
+starts a new epoch, or answers 409 if another engine holds it).  Every reply carries the service's
+(instance, epoch): the host adopts them after a claim and checks them otherwise.  A mismatch, a
+410 "stale KV view" from the service, or any failed step resets the host's view to (0, 0), so the
+next step claims again; the vLLM integration drops vLLM's prefix cache at the same time.
 """
 
 from __future__ import annotations
@@ -90,7 +98,7 @@ class ShieldedHost:
     """
 
     def __init__(self, public, service_url: str, *, token: str = "", timeout: float = 30.0,
-                 record: bool = False, spin_s: float = 50e-6):
+                 timeout_per_row_s: float = 0.0, record: bool = False, spin_s: float = 50e-6):
         """public: OUT/public, or its already loaded ``PublicShieldedWeights``.  service_url:
         http://HOST:PORT or shm://HOST:PORT (``host.transport``)."""
         if not isinstance(public, PublicShieldedWeights):
@@ -107,6 +115,10 @@ class ShieldedHost:
         self.url = service_url.rstrip("/")
         self.transport = open_transport(self.url, self.manifest_sha256, token=token, timeout_s=timeout, spin_s=spin_s)
         self.seq = 0
+        self.timeout_s, self.timeout_per_row_s = float(timeout), float(timeout_per_row_s)
+        self._timeout = self.timeout_s
+        self.instance = 0  # the service instance and KV epoch of this host's view (0, 0: claim next step)
+        self.epoch = 0
         self.record = record
         self.received: List[Tuple[str, torch.Tensor]] = []
         self.calls: List[str] = []
@@ -126,7 +138,32 @@ class ShieldedHost:
     def _post(self, endpoint: int, body: bytes) -> memoryview:
         """One exchange; the reply is valid until the next one (``_drive`` decodes it, which copies
         its payload out, before it posts again)."""
-        return self.transport.call(endpoint, body)
+        return self.transport.call(endpoint, body, timeout=self._timeout)
+
+    def forget_service(self) -> None:
+        """Drop the host's view of the service's KV (the next step claims the service afresh)."""
+        self.instance = self.epoch = 0
+        self.ready_step = None
+
+    def _identity(self, msg) -> None:
+        if self.epoch == 0:
+            self.instance, self.epoch = msg.instance, msg.epoch  # the claim's answer
+        elif (msg.instance, msg.epoch) != (self.instance, self.epoch):
+            seen = (msg.instance, msg.epoch)
+            self.forget_service()
+            raise ShieldedServiceError(410, f"stale KV view: the service answered as instance {seen[0]:#x} epoch "
+                                            f"{seen[1]}, this host's view is of another")
+
+    def _start(self, body_of, rows: int, final_kind: int):
+        self.seq += 1
+        self.calls = []
+        self.ready_step = None
+        self._timeout = self.timeout_s + rows * self.timeout_per_row_s
+        try:
+            return self._drive(self._post(EP_SHIELDED_STEP, body_of()), final_kind)
+        except BaseException:
+            self.forget_service()
+            raise
 
     def compute(self, key: str, x_masked: torch.Tensor) -> torch.Tensor:
         """Step 3: y~ = W_q[key] x~ mod p."""
@@ -135,22 +172,17 @@ class ShieldedHost:
     def step(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables,
              logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run one step against the service (steps 1-4); float32 logits [R, vocab]."""
-        self.seq += 1
-        self.calls = []
-        self.ready_step = None
-        body = encode_shielded_step(self.transport.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
-                                    seq_lens, block_tables, logits_indices)
-        return self._drive(self._post(EP_SHIELDED_STEP, body), MSG_LOGITS).payload
+        return self._start(lambda: encode_shielded_step(
+            self.transport.session, self.seq, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+            block_tables, logits_indices, instance=self.instance, epoch=self.epoch),
+            len(input_ids), MSG_LOGITS).payload
 
     def begin(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables) -> int:
         """A deferred step: run every decoder layer (steps 1-3 until MSG_READY); returns the
         number of token rows whose logits ``logits`` may then ask for."""
-        self.seq += 1
-        self.calls = []
-        self.ready_step = None
-        body = encode_shielded_step(self.transport.session, self.seq, input_ids, positions, slot_mapping, query_start_loc,
-                                    seq_lens, block_tables, defer_logits=True)
-        msg = self._drive(self._post(EP_SHIELDED_STEP, body), MSG_READY)
+        msg = self._start(lambda: encode_shielded_step(
+            self.transport.session, self.seq, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+            block_tables, defer_logits=True, instance=self.instance, epoch=self.epoch), len(input_ids), MSG_READY)
         self.ready_step, self._next_call = msg.step, msg.call
         self.ready_rows = int(msg.payload[0, 0])
         return self.ready_rows
@@ -160,8 +192,13 @@ class ShieldedHost:
         if self.ready_step is None:
             raise RuntimeError("no ready step: call begin() first")
         rows = torch.as_tensor(rows, dtype=torch.int64).reshape(1, -1)
-        body = encode_shielded_message(MSG_ROWS, self.ready_step, self._next_call, "", rows)
-        msg = self._drive(self._post(EP_SHIELDED_LOGITS, body), MSG_LOGITS)
+        body = encode_shielded_message(MSG_ROWS, self.ready_step, self._next_call, "", rows, instance=self.instance,
+                                       epoch=self.epoch)
+        try:
+            msg = self._drive(self._post(EP_SHIELDED_LOGITS, body), MSG_LOGITS)
+        except BaseException:
+            self.forget_service()
+            raise
         self._next_call = msg.call
         if tuple(msg.payload.shape) != (rows.shape[1], self.weights["lm_head"].m):
             raise ShieldedServiceError(502, f"logits of shape {tuple(msg.payload.shape)} for {rows.shape[1]} rows")
@@ -171,6 +208,7 @@ class ShieldedHost:
         """Steps 2-3 until the service's reply is of ``final_kind``; returns that message."""
         while True:
             msg = decode_shielded_message(reply)
+            self._identity(msg)
             if msg.kind == final_kind:
                 return msg
             if msg.kind != MSG_ASK:
@@ -185,4 +223,5 @@ class ShieldedHost:
                 self.received.append((msg.key, x.clone()))
             self.calls.append(msg.key)
             y = self.compute(msg.key, x)
-            reply = self._post(EP_SHIELDED_GEMM, encode_shielded_message(MSG_ANSWER, msg.step, msg.call, msg.key, y))
+            reply = self._post(EP_SHIELDED_GEMM, encode_shielded_message(MSG_ANSWER, msg.step, msg.call, msg.key, y,
+                                                                         instance=self.instance, epoch=self.epoch))

@@ -10,7 +10,9 @@ which (``slip_vllm.core.channel.parse_service_url``):
   manifest hash) answers a one-time ticket and a Unix socket path; the ticket is sent on that
   socket, which answers the segment's descriptor (SCM_RIGHTS).  Requests are written straight into
   the request area; replies are read in place from the reply area.  A broken channel (service
-  restarted, timeout) is dropped and the next call attaches a new one.
+  restarted, timeout) is dropped and the next call attaches a new one, asking for the same session
+  id (the service grants it again: the session's sequence numbers and, in shielded, its hold on the
+  service carry over).
 * ``http://HOST:PORT`` -> ``HttpTransport``: one keep-alive HTTP/1.1 connection (httpx, TCP_NODELAY),
   for a service that is not on the same machine.
 
@@ -24,7 +26,7 @@ Both offer the same calls, so the protocol code above (``host.client`` for split
 * ``call(...)``: both, for protocols that have nothing to overlap.
 
 Refusals raise ``ServiceRefused`` (HTTP status semantics on both transports); an unreachable or
-broken service raises ``TransportError``.  Neither is retried here: retry policy is the caller's.
+broken service raises ``TransportError``, one that does not answer in time ``TransportTimeout``.  Neither is retried here: retry policy is the caller's.
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ from slip_vllm.core.wire import ENDPOINT_PATHS, tensor_bytes_view
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 OCTET = "application/octet-stream"
 
-__all__ = ["TransportError", "ServiceRefused", "Transport", "HttpTransport", "ShmTransport", "open_transport"]
+__all__ = ["TransportError", "TransportTimeout", "ServiceRefused", "Transport", "HttpTransport", "ShmTransport", "open_transport"]
 
 
 class TransportError(ConnectionError):
     """The service could not be reached, or the channel broke."""
+
+
+class TransportTimeout(TransportError):
+    """The service did not answer in time (it may be hung: retrying would wait again)."""
 
 
 class ServiceRefused(RuntimeError):
@@ -81,7 +87,9 @@ class Transport:
 
     session: int
 
-    def send(self, endpoint: int, header: bytes, payload: Optional[torch.Tensor] = None) -> None:
+    def send(self, endpoint: int, header: bytes, payload: Optional[torch.Tensor] = None,
+             timeout: Optional[float] = None) -> None:
+        """timeout: of the reply's wait (HTTP: the request's; shared memory: given to receive)."""
         raise NotImplementedError
 
     def receive(self, timeout: Optional[float] = None) -> memoryview:
@@ -89,7 +97,7 @@ class Transport:
 
     def call(self, endpoint: int, header: bytes, payload: Optional[torch.Tensor] = None,
              timeout: Optional[float] = None) -> memoryview:
-        self.send(endpoint, header, payload)
+        self.send(endpoint, header, payload, timeout)
         return self.receive(timeout)
 
     def connect(self) -> None:
@@ -119,9 +127,15 @@ class HttpTransport(Transport):
         self._future: Optional[Future] = None
         self.session = secrets.randbits(62) | 1
 
-    def _post(self, endpoint: int, body: bytes) -> memoryview:
+    def _post(self, endpoint: int, body: bytes, timeout: Optional[float] = None) -> memoryview:
         try:
-            response = self._http.post(ENDPOINT_PATHS[endpoint], content=body)
+            if timeout is None:
+                response = self._http.post(ENDPOINT_PATHS[endpoint], content=body)
+            else:
+                response = self._http.post(ENDPOINT_PATHS[endpoint], content=body,
+                                           timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+        except httpx.TimeoutException as exc:
+            raise TransportTimeout(f"secure service at {self.url}: no answer in time ({exc})") from None
         except httpx.HTTPError as exc:
             raise TransportError(f"secure service at {self.url}: {exc}") from None
         if response.status_code != 200:
@@ -134,19 +148,19 @@ class HttpTransport(Transport):
             return header
         return header + tensor_bytes_view(payload).numpy().tobytes()
 
-    def send(self, endpoint, header, payload=None) -> None:
+    def send(self, endpoint, header, payload=None, timeout: Optional[float] = None) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slip-http")
-        self._future = self._pool.submit(self._post, endpoint, self._body(header, payload))
+        self._future = self._pool.submit(self._post, endpoint, self._body(header, payload), timeout)
 
     def receive(self, timeout=None) -> memoryview:
         future, self._future = self._future, None
         if future is None:
             raise RuntimeError("receive() without send()")
-        return future.result()
+        return future.result()  # the request's own timeout (given to send) bounds the wait
 
     def call(self, endpoint, header, payload=None, timeout=None) -> memoryview:
-        return self._post(endpoint, self._body(header, payload))  # nothing to overlap: no thread hop
+        return self._post(endpoint, self._body(header, payload), timeout)  # nothing to overlap: no thread hop
 
     def close(self) -> None:
         if self._pool is not None:
@@ -169,6 +183,7 @@ class ShmTransport(Transport):
         self._req_bytes: Optional[torch.Tensor] = None
         self._seq = 0
         self._in_flight = False
+        self._session: Optional[int] = None  # kept across re-attaches (the service grants it again)
         self.attaches = 0
 
     # -- attach --------------------------------------------------------------------------------
@@ -178,8 +193,12 @@ class ShmTransport(Transport):
         body = {"manifest_sha256": self.manifest_sha256}
         if self.capacity_wanted is not None:
             body["capacity"] = int(self.capacity_wanted)
+        if self._session is not None:
+            body["session"] = self._session
         try:
             r = httpx.post(self.url + "/v1/channel/attach", json=body, headers=headers, timeout=min(self.timeout_s, 10.0))
+        except httpx.TimeoutException as exc:
+            raise TransportTimeout(f"secure service at {self.url}: no answer to attach in time ({exc})") from None
         except httpx.HTTPError as exc:
             raise TransportError(f"secure service at {self.url}: {exc}") from None
         if r.status_code != 200:
@@ -207,6 +226,7 @@ class ShmTransport(Transport):
             ch.close()
             raise TransportError("the channel's session is not the one granted")
         self._ch = ch
+        self._session = ch.session
         self._req_bytes = torch.frombuffer(ch.request_area, dtype=torch.uint8)
         self._seq = 0
         self.attaches += 1
@@ -231,7 +251,7 @@ class ShmTransport(Transport):
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def send(self, endpoint, header, payload=None) -> None:
+    def send(self, endpoint, header, payload=None, timeout=None) -> None:
         ch = self._ch or self._attach()
         n_head = len(header)
         size = n_head + _payload_nbytes(payload)
@@ -261,7 +281,10 @@ class ShmTransport(Transport):
         self._in_flight = False
         try:
             got = ch.wait(W_REP_SEQ, self._seq - 1, self.timeout_s if timeout is None else timeout)
-        except (ChannelClosed, ChannelTimeout) as exc:
+        except ChannelTimeout as exc:
+            self._drop()
+            raise TransportTimeout(f"secure service channel: {exc}") from None
+        except ChannelClosed as exc:
             self._drop()
             raise TransportError(f"secure service channel: {exc}") from None
         if got != self._seq:

@@ -38,6 +38,20 @@ def test_malformed_frames_are_rejected():
         with pytest.raises(wire.WireError):
             wire.decode_request(frame)
     with pytest.raises(wire.WireError):
-        wire.decode_reply(b"SLR1" + b"\0" * 8)
+        wire.decode_reply(b"SLR2" + b"\0" * 8)
     with pytest.raises(wire.WireError):
         wire.decode_reply(wire.encode_reply(torch.ones(2, 3)), expect_rows=3)
+
+
+def test_service_identity_travels_in_every_reply_and_step_frame():
+    """The instance id of the answering service (and the shielded KV epoch) is in the headers, so a
+    restarted service is visible in its first reply; the host's expectation is in its frames."""
+    body = wire.encode_reply(torch.ones(2, 3), instance=0xDEADBEEF12345678)
+    assert wire.reply_instance(body) == 0xDEADBEEF12345678
+    assert torch.equal(wire.decode_reply(body), torch.ones(2, 3))
+    frame = wire.decode_shielded_step(wire.encode_shielded_step(
+        7, 1, [1, 2], [0, 1], [0, 1], [0, 2], [2], [[0]], defer_logits=True, instance=2**64 - 1, epoch=3))
+    assert (frame.instance, frame.epoch, frame.session, frame.defer_logits) == (2**64 - 1, 3, 7, True)
+    msg = wire.decode_shielded_message(wire.encode_shielded_message(
+        wire.MSG_READY, 5, 2, "", torch.tensor([[4]]), instance=11, epoch=12))
+    assert (msg.instance, msg.epoch, msg.step, msg.call) == (11, 12, 5, 2)
