@@ -104,6 +104,22 @@ class Server:
                 pass
             self.proc.wait(timeout=30)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (no clean-up: a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+    def pause(self) -> None:
+        """SIGSTOP the process group: it keeps its sockets but answers nothing (a hung server)."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def __enter__(self) -> "Server":
         return self
 

@@ -1,88 +1,210 @@
-"""Turning a secure-service outage into request errors instead of a dead engine.
+"""Turning a secure-service failure into request errors, tied to the engine step it happened in.
 
-An exception raised inside vLLM's forward pass kills the engine core. So when a data-plane call
-fails (after its retries) the worker does not raise: it finishes the step with the public part only
-and reports the failure on a per-engine channel. The engine core, before it turns that step's
-output into tokens, reads the channel and ends every request of the step with finish reason
-``error`` (the OpenAI server answers those with an error), and drops the prefix cache so no KV block
-computed without the secret part is ever reused. Requests after the service returns run normally.
+An exception raised inside vLLM's forward pass kills the engine core, so a protected layer whose
+secret part cannot be computed does not raise: it records the failure here and the step goes on to
+its end.  The failure then travels WITH THAT STEP'S OUTPUT to the scheduler, which ends every
+request of the step with an error and drops the prefix cache, so nothing computed without the
+secret part is ever served or reused.
 
-The channel is an append-only file named after the engine-core process id (a worker knows it as its
-parent's pid, or its own with the in-process executor); one byte is appended per failed call, and
-the engine compares the file size with the last size it saw: one ``stat`` per step.
+What this module owns
+---------------------
+Worker side (every vLLM worker process), wrapped around vLLM's ``Worker.execute_model`` and
+``Worker.sample_tokens`` by ``install_worker_hook``:
+
+1. ``execute_model`` starts a step (one that runs tokens): ``STEP.begin()`` clears the record;
+2. during the forward, a protected layer (``host.ops``) or the shielded model
+   (``host.shielded_model``) that cannot get the secret part calls ``record_failure(reason)``; the
+   rest of the step's service calls are skipped (``step_failed()``), so a dead or hung service costs
+   one timeout per step, not one per layer;
+3. after the forward, with tensor parallelism, the ranks' records are combined (an all-reduce of one
+   flag over the TP group: the rank that returns the output may not be the one that failed);
+4. the ``StepReport`` (failed, reason) is attached as ``slip_report`` to the ``ModelRunnerOutput``
+   this step returns (from ``execute_model`` for pooling models, else from ``sample_tokens``, which
+   may itself compute logits: prompt log-probs).  The
+   output reaches the engine core in the same process or pickled through vLLM's message queue;
+   either way the report is part of the step's own output, so it cannot be lost or credited to
+   another step.
+
+Engine side, wrapped around ``Scheduler.update_from_output`` by ``install_scheduler_hook``:
+
+5. for an engine that serves a SLIP artifact (``--load-format slip``), every output of a step that
+   ran tokens must carry a report; a missing report counts as a failure (fail closed: a vLLM change
+   that bypasses the worker hook errors every request instead of serving the public part alone);
+6. a failed step: its requests end with finish reason ``error`` (the OpenAI server answers those
+   with an error) and their tokens are dropped; the prefix cache is reset with every running request
+   preempted (their KV may have been computed in the failed step; they are recomputed later).  If
+   the reset fails, the engine stops (``RuntimeError``): better no answers than answers from KV
+   computed without the secret part.
+
+vLLM's scheduling must be synchronous for SLIP artifacts (one batch in flight: the plugin turns
+async scheduling off and refuses pipeline parallelism), so step k's report is read before step k+1
+is scheduled.  ``hooks_active`` lets a test assert that the classes vLLM really uses are wrapped.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
-
-def channel_path(engine_key: str) -> Path:
-    safe = "".join(c for c in engine_key if c.isalnum() or c in "-_") or "default"
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return base / f"slip-step-failures-{safe}"
+REPORT_ATTR = "slip_report"
+_WRAPPED = "_slip_wrapped"
 
 
-def report_failure(engine_key: str) -> None:
-    fd = os.open(channel_path(engine_key), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+@dataclass(frozen=True)
+class StepReport:
+    """What a worker says about the secret part of one engine step (pickled with its output)."""
+
+    failed: bool
+    reason: str = ""
+
+
+class StepRecord:
+    """The failures of the step this worker process is running (one step at a time)."""
+
+    def __init__(self) -> None:
+        self.active = False   # inside execute_model: failures belong to a step
+        self.failed = False
+        self.reason = ""
+
+    def begin(self) -> None:
+        self.active, self.failed, self.reason = True, False, ""
+
+    def fail(self, reason: str) -> None:
+        if not self.failed:
+            self.failed, self.reason = True, reason
+
+    def finish(self) -> StepReport:
+        self.active = False
+        return StepReport(self.failed, self.reason)
+
+
+STEP = StepRecord()
+
+
+def record_failure(reason: str) -> None:
+    """Called where the secret part of the running step could not be computed."""
+    if not STEP.failed:
+        log.error("SLIP: %s; the requests of this engine step will end with an error", reason)
+    STEP.fail(reason)
+
+
+def step_failed() -> bool:
+    """True once the running step has failed: its remaining service calls are pointless."""
+    return STEP.failed
+
+
+def in_step() -> bool:
+    """True inside an engine step's ``execute_model`` (False in vLLM's warm-up and profiling runs)."""
+    return STEP.active
+
+
+# -- worker side --------------------------------------------------------------------------------
+
+def _combine_over_tensor_parallel(report: StepReport) -> StepReport:
+    """With TP, the rank whose output the engine reads must know if any rank failed."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
     try:
-        os.write(fd, b"x")
-    finally:
-        os.close(fd)
+        if get_tensor_model_parallel_world_size() <= 1:
+            return report
+    except (AssertionError, RuntimeError):  # no parallel state (a test without vLLM's groups)
+        return report
+    import torch
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_tp_group
+
+    flag = torch.tensor([1 if report.failed else 0], dtype=torch.int32)
+    dist.all_reduce(flag, group=get_tp_group().cpu_group)
+    if int(flag.item()) and not report.failed:
+        return StepReport(True, "the secure service failed on another tensor-parallel rank")
+    return report
 
 
-class FailureWatcher:
-    def __init__(self, engine_key: str):
-        self.path = channel_path(engine_key)
-        # A stale file from an earlier process with the same pid must not fail our first step.
-        self.path.unlink(missing_ok=True)
-        self.seen = self._size()
+def _attach(output, report: StepReport) -> bool:
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-    def _size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def failed_since_last_check(self) -> bool:
-        size = self._size()
-        failed = size > self.seen
-        self.seen = size
-        return failed
+    if isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+        setattr(output, REPORT_ATTR, report)
+        return True
+    return False
 
 
-_PATCHED = False
+def _finish_and_attach(output) -> None:
+    report = _combine_over_tensor_parallel(STEP.finish())
+    if not _attach(output, report):
+        # not an output the engine looks into (async scheduling is refused for SLIP artifacts): the
+        # engine side finds no report on the step's output and fails the step closed
+        log.error("SLIP: cannot attach the step report to a %s", type(output).__name__)
+
+
+def install_worker_hook() -> None:
+    """Wrap vLLM's ``Worker.execute_model`` and ``Worker.sample_tokens`` (idempotent).  Called by
+    the slip loader in the worker process, before the first step."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if getattr(Worker.execute_model, _WRAPPED, False):
+        return
+    execute_model, sample_tokens = Worker.execute_model, Worker.sample_tokens
+
+    def slip_execute_model(self, scheduler_output, *args, **kwargs):
+        ran = scheduler_output.total_num_scheduled_tokens > 0
+        if ran:
+            STEP.begin()
+        output = execute_model(self, scheduler_output, *args, **kwargs)
+        if ran and output is not None:  # the step ends here (pooling models); else sample_tokens follows
+            _finish_and_attach(output)
+        return output
+
+    def slip_sample_tokens(self, *args, **kwargs):
+        output = sample_tokens(self, *args, **kwargs)  # may compute more logits (prompt logprobs)
+        if STEP.active:
+            _finish_and_attach(output)
+        return output
+
+    setattr(slip_execute_model, _WRAPPED, True)
+    setattr(slip_sample_tokens, _WRAPPED, True)
+    Worker.execute_model = slip_execute_model
+    Worker.sample_tokens = slip_sample_tokens
+
+
+# -- engine side --------------------------------------------------------------------------------
+
+def _serves_slip(scheduler) -> bool:
+    flag = getattr(scheduler, "_slip_protected", None)
+    if flag is None:
+        load = getattr(getattr(scheduler, "vllm_config", None), "load_config", None)
+        flag = scheduler._slip_protected = getattr(load, "load_format", None) == "slip"
+    return flag
 
 
 def install_scheduler_hook() -> None:
     """Wrap ``Scheduler.update_from_output`` once per process (idempotent)."""
-    global _PATCHED
-    if _PATCHED:
-        return
     from vllm.v1.core.sched.scheduler import Scheduler
+
+    if getattr(Scheduler.update_from_output, _WRAPPED, False):
+        return
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
     from vllm.v1.request import RequestStatus
 
     original = Scheduler.update_from_output
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        watcher = getattr(self, "_slip_failure_watcher", None)
-        if watcher is None:
-            watcher = self._slip_failure_watcher = FailureWatcher(str(os.getpid()))
         errored = []
-        if watcher.failed_since_last_check():
-            req_ids = list(scheduler_output.num_scheduled_tokens)
-            errored = self.finish_requests(req_ids, RequestStatus.FINISHED_ERROR)
-            log.error("secure service unavailable: ending %d request(s) of this step with an error", len(errored))
-            try:
-                self.reset_prefix_cache(reset_running_requests=True)
-            except Exception:  # a failed reset only costs cache hits; never take the engine down
-                log.exception("could not reset the prefix cache after a failed step")
+        if _serves_slip(self) and scheduler_output.total_num_scheduled_tokens > 0:
+            report = getattr(model_runner_output, REPORT_ATTR, None)
+            if report is None:
+                report = StepReport(True, "the step's output carries no SLIP report (the worker hook did not "
+                                          "run): failing closed")
+            if report.failed:
+                req_ids = list(scheduler_output.num_scheduled_tokens)
+                errored = self.finish_requests(req_ids, RequestStatus.FINISHED_ERROR)
+                log.error("SLIP: %s: ending %d request(s) of this step with an error and dropping the prefix "
+                          "cache", report.reason, len(errored))
+                if not self.reset_prefix_cache(reset_running_requests=True):
+                    raise RuntimeError("SLIP: the prefix cache could not be reset after a failed step; stopping "
+                                       "rather than reusing KV computed without the secret part")
         outputs = original(self, scheduler_output, model_runner_output)
         for request in errored:
             eco = outputs.get(request.client_index)
@@ -92,5 +214,14 @@ def install_scheduler_hook() -> None:
                                                 finish_reason=FinishReason.ERROR))
         return outputs
 
+    setattr(update_from_output, _WRAPPED, True)
     Scheduler.update_from_output = update_from_output
-    _PATCHED = True
+
+
+def hooks_active(scheduler_cls, worker_cls) -> dict[str, bool]:
+    """Which of the hooks the given (resolved) classes really run."""
+    return {
+        "scheduler.update_from_output": getattr(scheduler_cls.update_from_output, _WRAPPED, False),
+        "worker.execute_model": getattr(worker_cls.execute_model, _WRAPPED, False),
+        "worker.sample_tokens": getattr(worker_cls.sample_tokens, _WRAPPED, False),
+    }

@@ -43,6 +43,32 @@ class SlipLoadError(RuntimeError):
     pass
 
 
+def install_failure_path() -> None:
+    """Install the worker's step-failure hook and check that the classes this vLLM really runs
+    carry both ends of the failure path (``host.failure``); refuse to start otherwise."""
+    from vllm.config import get_current_vllm_config
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from slip_vllm.host.failure import hooks_active, install_scheduler_hook, install_worker_hook
+
+    vllm_config = get_current_vllm_config()
+    if vllm_config.scheduler_config.async_scheduling:
+        raise SlipLoadError("SLIP artifacts need synchronous scheduling (a failed step must be known before the "
+                            "next is scheduled): drop --async-scheduling")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise SlipLoadError("SLIP serving does not support pipeline parallelism (--pipeline-parallel-size > 1)")
+    install_worker_hook()
+    install_scheduler_hook()
+    worker_cls = vllm_config.parallel_config.worker_cls
+    if isinstance(worker_cls, str):
+        worker_cls = resolve_obj_by_qualname(worker_cls)
+    missing = [name for name, on in hooks_active(vllm_config.scheduler_config.get_scheduler_cls(), worker_cls).items()
+               if not on]
+    if missing:
+        raise SlipLoadError(f"this vLLM bypasses SLIP's step-failure hooks ({', '.join(missing)}); refusing to serve "
+                            f"a SLIP artifact without them")
+
+
 def check_service(url: str, manifest_sha256: str, wait_s: float, protocol: str = "split") -> dict:
     """Wait for the service and check it holds the bundle paired with this artifact."""
     try:
@@ -74,10 +100,25 @@ def check_service(url: str, manifest_sha256: str, wait_s: float, protocol: str =
         )
     if info.get("protocol") != protocol:
         raise SlipLoadError(f"the service runs protocol {info.get('protocol')!r}; this artifact needs {protocol!r}")
+    _check_step_size(info)
     if address.colocated and "shm" not in info.get("data_planes", []):
         raise SlipLoadError(f"the secure service at {address.control_url} offers no shared-memory channel "
                             f"(started with SLIP_CHANNEL=0?); use SLIP_SERVICE_URL={address.control_url}")
     return info
+
+
+def _check_step_size(info: dict) -> None:
+    """The service sizes its bodies and channels for steps of at most ``max_step_tokens`` tokens."""
+    cap = info.get("max_step_tokens")
+    if cap is None:
+        return
+    from vllm.config import get_current_vllm_config
+
+    tokens = int(get_current_vllm_config().scheduler_config.max_num_batched_tokens)
+    if tokens > int(cap):
+        raise SlipLoadError(f"vLLM may schedule {tokens} tokens per step (--max-num-batched-tokens) but the secure "
+                            f"service takes at most {cap} (SLIP_MAX_STEP_TOKENS): raise the service's limit or "
+                            f"lower vLLM's")
 
 
 def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
@@ -87,6 +128,10 @@ def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
 
     cfg = settings()
     info = check_service(url, manifest_sha256, cfg.startup_wait_s, protocol="shielded")
+    if info.get("engine_attached"):
+        raise SlipLoadError(f"another vLLM engine holds the shielded secure service at {url} (its KV cache mirrors "
+                            f"one engine): start one secure service per engine, or stop the other engine (the "
+                            f"service frees itself after {info.get('owner_lease_s')} s without steps)")
     if int(info.get("block_size", -1)) != model.cache_block_size:
         raise SlipLoadError(f"the secure service pages its KV cache in blocks of {info.get('block_size')} tokens, "
                             f"vLLM in blocks of {model.cache_block_size}: set the same SLIP_SHIELDED_BLOCK_SIZE "
@@ -101,9 +146,9 @@ def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
     if public.p != int(info.get("p", -1)):
         raise SlipLoadError(f"the service's prime {info.get('p')} is not the artifact's {public.p}")
     host = ShieldedHost(public, url, token=cfg.service_token, timeout=cfg.service_timeout_s,
-                        spin_s=cfg.channel_spin_us * 1e-6)
+                        timeout_per_row_s=cfg.service_timeout_per_row_ms * 1e-3, spin_s=cfg.channel_spin_us * 1e-6)
     connect(host.transport, url)
-    model.bind(host, retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s)
+    model.bind(host)
 
 
 def connect(transport, url: str) -> None:
@@ -260,6 +305,7 @@ class SlipModelLoader(DefaultModelLoader):
         except ManifestError as exc:
             raise SlipLoadError(str(exc)) from None
         cfg = settings()
+        install_failure_path()
         if manifest.protocol == "shielded":
             bind_shielded(model, model_config.model, self.service_url, digest)
             log.info("SLIP shielded: %d masked GEMMs per step bound to the secure service at %s (manifest %s); "
@@ -269,6 +315,7 @@ class SlipModelLoader(DefaultModelLoader):
         check_service(self.service_url, digest, cfg.startup_wait_s)
         client_mod.configure(client_mod.ClientConfig(
             url=self.service_url, manifest_sha256=digest, token=cfg.service_token, timeout_s=cfg.service_timeout_s,
+            timeout_per_row_s=cfg.service_timeout_per_row_ms * 1e-3,
             retries=cfg.service_retries, backoff_s=cfg.service_retry_backoff_s, spin_s=cfg.channel_spin_us * 1e-6))
         connect(client_mod.get_client().transport, self.service_url)
         self._adopt_unconfigured_layers(model)

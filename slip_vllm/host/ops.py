@@ -12,6 +12,9 @@ in plain eager Python:
      ``secret_width`` columns: the LM head's output is padded to a multiple of 64 by vLLM).
 
 One call per protected layer per engine step, for every token of the mixed prefill/decode batch.
+If the secret term cannot be had (service down, hung, refusing), the op does not raise (that would
+kill vLLM's engine): it records the failure for the running step (``host.failure``), whose requests
+then end with an error, and the step's remaining layers skip the service.
 vLLM's warm-up forward (no attention metadata) skips the service: its output is discarded.
 """
 
@@ -25,7 +28,7 @@ import torch
 
 from slip_vllm.core.wire import KIND_EMBED, KIND_LINEAR
 from slip_vllm.host.client import ServiceUnavailable, get_client
-from slip_vllm.host.failure import report_failure
+from slip_vllm.host.failure import record_failure, step_failed
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
@@ -38,7 +41,6 @@ class LayerPlan:
     kind: str                                   # "linear" | "embedding"
     local_width: int                            # width of the layer's own output (padded vocab)
     public: Callable                            # the unprotected computation of vLLM
-    engine_key: str = ""                        # which engine core to report failures to
     dtype: torch.dtype = torch.float32          # output dtype (the model's)
     tensor_ids: tuple[int, ...] = ()            # manifest ids, in fused-row order
     secret_width: int = 0                       # columns the service returns
@@ -74,7 +76,12 @@ def _check_ready(plan: LayerPlan) -> None:
                            f"artifact with `--load-format slip`")
 
 
+_SKIPPED = ServiceUnavailable("an earlier call of this step failed")
+
+
 def _submit(plan: LayerPlan, kind: int, payload: torch.Tensor, rows: int):
+    if step_failed():
+        return _SKIPPED  # the step's requests fail anyway: a dead service costs one timeout per step
     try:
         return get_client().submit(kind, plan.tensor_ids, payload, rows, plan.secret_width)
     except ServiceUnavailable as exc:
@@ -88,8 +95,8 @@ def _add_secret(plan: LayerPlan, public_out: torch.Tensor, pending) -> torch.Ten
             raise pending
         secret = pending.result()  # on shared memory: a view of the reply area, used at once
     except ServiceUnavailable as exc:
-        log.error("SLIP layer %s: %s", plan.prefix, exc)
-        report_failure(plan.engine_key)
+        if pending is not _SKIPPED:
+            record_failure(f"layer {plan.prefix}: {exc}")
         return public_out
     if secret.device != public_out.device:
         secret = secret.to(public_out.device, non_blocking=False)

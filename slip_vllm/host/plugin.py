@@ -4,9 +4,11 @@ Registers, once per process:
   * the ``slip`` quantization config (selected by the artifact's config.json),
   * the ``slip`` load format (``--load-format slip``),
   * the custom ops used inside the forward pass,
-  * the scheduler hook that turns service outages into request errors (engine-core process),
+  * the scheduler end of the step-failure path (``host.failure``: a failed step's requests end with
+    an error); the worker end is installed by the slip loader, in the processes that load a model,
   * the ``SlipShieldedForCausalLM`` architecture (lazily, by name) that serves shielded artifacts,
-  * engine-argument fixes: on GPU platforms, eager mode for SLIP artifacts (a captured CUDA graph
+  * engine-argument fixes: synchronous scheduling for SLIP artifacts (pipeline parallelism and
+    --async-scheduling refused), so a failed step is known before the next one; on GPU platforms, eager mode for SLIP artifacts (a captured CUDA graph
     would replay decode steps without calling the secure service); for shielded artifacts also the
     KV-cache geometry the secure service mirrors (block size, number of blocks from the
     SLIP_SHIELDED_* settings, refused if the command line asks for something else) and eager mode.
@@ -64,6 +66,13 @@ def _fix_engine_args() -> None:
         from vllm.platforms import current_platform
 
         if self.load_format == "slip":
+            if self.async_scheduling:
+                raise ValueError("SLIP artifacts need synchronous scheduling: a failed engine step must end its "
+                                 "requests before the next step is scheduled; drop --async-scheduling")
+            if int(self.pipeline_parallel_size or 1) > 1:
+                raise ValueError("SLIP serving does not support pipeline parallelism (--pipeline-parallel-size); "
+                                 "use tensor parallelism")
+            self.async_scheduling = False  # None would let vLLM turn it on (its default on GPUs)
             if _artifact_protocol(self.model) == "shielded":
                 _pin_shielded_cache(self)
             if not current_platform.is_cpu() and not self.enforce_eager:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from vllm.config import get_current_vllm_config_or_none
 from vllm.model_executor.layers.linear import (
     LinearBase, UnquantizedLinearMethod, register_weight_loader_v2_supported_method,
 )
@@ -27,19 +26,6 @@ from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbed
 
 from slip_vllm.core.manifest import QUANT_METHOD
 from slip_vllm.host import ops
-
-
-def _engine_key() -> str:
-    """Identifies the engine-core process that schedules this worker (see host/failure.py).
-
-    With the multiprocessing executor the worker is a child of the engine core; with the
-    in-process ("uni") executor it is the engine core itself.
-    """
-    import os
-
-    config = get_current_vllm_config_or_none()
-    backend = getattr(getattr(config, "parallel_config", None), "distributed_executor_backend", None)
-    return str(os.getppid() if backend == "mp" else os.getpid())
 
 
 @register_weight_loader_v2_supported_method
@@ -59,7 +45,7 @@ class SlipLinearMethod(UnquantizedLinearMethod):
         parent_apply = super().apply
         plan = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=local_width,
                              public=lambda x, bias: parent_apply(layer, x, bias),
-                             engine_key=_engine_key(), dtype=dtype)
+                             dtype=dtype)
         self.handle = ops.new_plan(plan)
         layer.slip_plan = plan
 
@@ -98,10 +84,10 @@ class SlipEmbeddingMethod(UnquantizedEmbeddingMethod):
         # the logits GEMM; each gets its own plan and handle.
         lookup = ops.LayerPlan(prefix=self.prefix, kind="embedding", local_width=embedding_dim,
                                public=lambda ids: parent.embedding(layer, ids.long()),
-                               engine_key=_engine_key(), dtype=dtype)
+                               dtype=dtype)
         logits = ops.LayerPlan(prefix=self.prefix, kind="linear", local_width=rows,
                                public=lambda x, bias: parent.apply(layer, x, bias),
-                               engine_key=_engine_key(), dtype=dtype)
+                               dtype=dtype)
         self.handle = ops.new_plan(lookup)
         self.logits_handle = ops.new_plan(logits)
         layer.slip_plan = lookup

@@ -29,11 +29,15 @@ blocks: the plugin pins ``block_size`` and ``num_gpu_blocks_override`` from the 
 settings, and the loader checks the service agrees).  Its own host-side cache is 1 KV head of
 width 32 per slot and is never written.
 
-Failures: the forward never raises (an exception kills vLLM's engine).  A refused or failed step is
-reported on the engine's failure channel (``host.failure``), which ends the step's requests with
-an error and drops the prefix cache; the handles of a failed step make ``compute_logits`` return
-zeros that are never used.  Transport errors while starting a step are retried (the service aborts
-and rolls back a superseded step, so a retry is safe); an integrity refusal (HTTP 422) is not.
+Failures: the forward never raises (an exception kills vLLM's engine).  A refused or failed step,
+or a ``compute_logits`` call inside a step whose row handles are not the live step's, is recorded
+for the running engine step (``host.failure``): the step's output carries the failure, its
+requests end with an error, vLLM drops its prefix cache and preempts every running request; the
+logits returned meanwhile are zeros that are never served.  Nothing is retried: a retried step
+frame would start the step over.  After any failure the host claims the service afresh on the next
+step (KV epoch 0: the service empties its KV mirror), which matches vLLM's reset; a service that
+restarted, or that another engine took over, answers a stale view with 410 and is claimed the same
+way, so no step ever reads KV that the service does not hold for this engine.
 
 Dummy runs: vLLM's profiling and warm-up forwards have no attention metadata; they get tag 0
 handles and zero logits without contacting the service.
@@ -49,8 +53,7 @@ import torch
 from torch import nn
 
 from slip_vllm.core.manifest import SHIELDED_ARCHITECTURE
-from slip_vllm.host.failure import report_failure
-from slip_vllm.host.transport import TransportError
+from slip_vllm.host.failure import in_step, record_failure
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
@@ -64,27 +67,23 @@ class SlipShieldedForCausalLM(nn.Module):
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
 
-        from slip_vllm.host.quant import _engine_key
-
         config = vllm_config.model_config.hf_config
         self.vocab_size = int(config.vocab_size)
         self.cache_block_size = int(vllm_config.cache_config.block_size)
         self.cache_blocks = vllm_config.cache_config.num_gpu_blocks_override
-        self.engine_key = _engine_key()
         # vLLM wants one layer index in an attention layer's name
         self.anchor_name = (prefix + "." if prefix else "") + "slip_kv_anchor.0.attn"
         self.slip_kv_anchor = nn.ModuleList([nn.Module()])
         self.slip_kv_anchor[0].attn = Attention(num_heads=1, head_size=ANCHOR_HEAD_SIZE, scale=1.0, num_kv_heads=1,
                                              cache_config=vllm_config.cache_config, prefix=self.anchor_name)
         self.host = None          # ShieldedHost, bound by the slip loader
-        self.retries, self.backoff_s = 0, 0.0
         self._tag = 0.0
         self._live_tag = _DUMMY_TAG
 
     # -- set-up by the loader ------------------------------------------------------------------
 
-    def bind(self, host, *, retries: int, backoff_s: float) -> None:
-        self.host, self.retries, self.backoff_s = host, int(retries), float(backoff_s)
+    def bind(self, host) -> None:
+        self.host = host
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         # vLLM's interface asks for it; the embedding table is secret and lives in the service.
@@ -114,17 +113,7 @@ class SlipShieldedForCausalLM(nn.Module):
         max_blocks = -(-int(md.seq_lens.max()) // self.cache_block_size)
         args = (input_ids[:n], positions[:n], md.slot_mapping[:n], md.query_start_loc[: s + 1], md.seq_lens[:s],
                 md.block_table[:s, :max_blocks])
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                self.host.begin(*args)
-                return
-            except TransportError as exc:
-                if attempt == self.retries:
-                    raise
-                log.warning("SLIP shielded step: %s; retrying in %.2f s", exc, delay)
-                time.sleep(delay)
-                delay *= 2
+        self.host.begin(*args)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
@@ -134,6 +123,8 @@ class SlipShieldedForCausalLM(nn.Module):
         md = self._metadata()
         if md is None:
             self._live_tag = _DUMMY_TAG
+            if in_step():
+                record_failure("a shielded engine step without attention metadata")
         else:
             if self.host is None:
                 raise RuntimeError("the shielded model was not bound to the secure service: serve the "
@@ -143,8 +134,7 @@ class SlipShieldedForCausalLM(nn.Module):
                 self._begin(input_ids, positions, md)
                 self._live_tag = self._tag
             except Exception as exc:  # never raise inside vLLM's forward: fail the step's requests
-                log.error("SLIP shielded step failed: %s", exc)
-                report_failure(self.engine_key)
+                record_failure(f"shielded step: {exc}")
                 self._live_tag = _FAILED_TAG
         rows = torch.arange(n, dtype=torch.float64, device=input_ids.device)
         return torch.stack([rows, torch.full_like(rows, self._live_tag)], dim=1)
@@ -153,12 +143,17 @@ class SlipShieldedForCausalLM(nn.Module):
         r = int(hidden_states.shape[0])
         zeros = torch.zeros(r, self.vocab_size, dtype=torch.float32, device=hidden_states.device)
         tag = self._live_tag
-        if r == 0 or tag <= 0 or hidden_states.shape[-1] != 2 or not bool((hidden_states[:, 1] == tag).all()):
-            return zeros  # a dummy run, a failed step, or not our handles (the runner's random dummies)
+        ours = (r > 0 and tag > 0 and hidden_states.shape[-1] == 2
+                and bool((hidden_states[:, 1] == tag).all()))
+        if not ours:
+            if in_step() and tag != _FAILED_TAG:
+                # inside a real step, logits asked for rows that are not the live step's handles:
+                # the secret logits cannot be computed, so the step must not be served
+                record_failure(f"shielded logits asked for {r} row(s) that are not handles of the live step")
+            return zeros  # outside a step: vLLM's dummy sampler run on random rows
         try:
             return self.host.logits(hidden_states[:, 0].long().cpu()).to(hidden_states.device)
         except Exception as exc:
-            log.error("SLIP shielded logits failed: %s", exc)
-            report_failure(self.engine_key)
+            record_failure(f"shielded logits: {exc}")
             self._live_tag = _FAILED_TAG
             return zeros

@@ -29,6 +29,8 @@ import torch
 from openai import OpenAI
 
 from boundary import RecordingProxy
+from shielded_reference import offline_greedy as _offline_greedy
+from shielded_reference import validation_prompts as _validation_prompts
 from helpers import secure_service, vllm_server
 from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core import wire
@@ -101,13 +103,6 @@ def shm_stack(stack, log_dir):
         service.stop()
 
 
-def _validation_prompts(count: int, length: int) -> list[list[int]]:
-    data = rm.load_reference_data(rm.get_reference_model(config=rm.TINY, progress=False))
-    ids = data.val_ids
-    step = (len(ids) - length) // count
-    return [ids[i * step:i * step + length].tolist() for i in range(count)]
-
-
 def _prompt_scores(client: OpenAI, prompts: list[list[int]]):
     """Per prompt position (after the first): (log p of the actual token, top-1 token id)."""
     scores = []
@@ -140,24 +135,6 @@ def test_quality_matches_stock_vllm_on_the_reference_model(stack):
           f"perplexity {ppl_ours:.3f} vs {ppl_stock:.3f} (ratio {ppl_ours / ppl_stock:.4f})")
     assert agree >= 0.99
     assert abs(ppl_ours / ppl_stock - 1) <= 0.01
-
-
-def _offline_greedy(executor: ShieldedExecutor, prompt: list[int], new_tokens: int) -> list[int]:
-    """One sequence alone through the fixed-point executor (blocks 0, 1, ... in order)."""
-    bs = executor.cache.block_size
-    tokens, out = list(prompt), []
-    n = len(prompt)
-    table = torch.arange(-(-(n + new_tokens) // bs))[None]
-    logits = executor.step(torch.tensor(tokens), torch.arange(n), torch.arange(n), torch.tensor([0, n]),
-                           torch.tensor([n]), table)
-    for _ in range(new_tokens):
-        nxt = int(logits[-1].argmax())
-        out.append(nxt)
-        pos = len(tokens)
-        tokens.append(nxt)
-        logits = executor.step(torch.tensor([nxt]), torch.tensor([pos]), torch.tensor([pos]), torch.tensor([0, 1]),
-                               torch.tensor([pos + 1]), table)
-    return out
 
 
 def _preemptions(server) -> float:
