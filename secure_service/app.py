@@ -28,6 +28,7 @@ import logging
 
 from fastapi import FastAPI
 
+from secure_service.body_limits import body_limits
 from secure_service.bundle import Bundle
 from secure_service.data_plane import DataPlane
 from secure_service.transport import ChannelServer, attach_route, error_response, mount_http
@@ -35,11 +36,13 @@ from secure_service.transport import ChannelServer, attach_route, error_response
 log = logging.getLogger("slip.service")
 
 
-def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 20,
+def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int | None = None,
                shielded_options: dict | None = None, channel: bool | None = None) -> FastAPI:
     """shielded_options: keyword arguments of ``ShieldedService`` (num_blocks, block_size,
     timeout_s, pool_rows); defaults from the settings.  channel: offer the colocated shared-memory
-    data plane (default: ``SLIP_CHANNEL``); its capacity per direction is max_body_bytes."""
+    data plane (default: ``SLIP_CHANNEL``); its capacity per direction is max_body_bytes.
+    max_body_bytes: None or 0 sizes it from the model (``body_limits``: SLIP_MAX_STEP_TOKENS x the
+    widest row an endpoint carries), unless ``SLIP_MAX_BODY_BYTES`` sets it."""
     from slip_vllm.settings import settings
 
     cfg = settings()
@@ -58,9 +61,12 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
         from secure_service.shielded_api import ShieldedService
 
         opts = {"num_blocks": cfg.shielded_kv_blocks, "block_size": cfg.shielded_block_size,
-                "timeout_s": cfg.shielded_step_timeout_s, "mask_audit": cfg.mask_audit, **(shielded_options or {})}
+                "timeout_s": cfg.shielded_step_timeout_s, "mask_audit": cfg.mask_audit,
+                "timeout_per_row_s": cfg.shielded_step_timeout_per_row_ms * 1e-3,
+                "max_model_len": cfg.shielded_max_model_len, "max_step_tokens": cfg.max_step_tokens,
+                **(shielded_options or {})}
         try:
-            shielded = ShieldedService(bundle.path, **opts)
+            shielded = ShieldedService(bundle, **opts)  # the bundle loaded (and hashed) once
         except (ValueError, KeyError) as exc:
             from secure_service.bundle import BundleError
 
@@ -68,6 +74,10 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
         info = {**info, **shielded.info()}
         app.state.shielded = shielded
         resources.append(shielded.close)
+    sized = body_limits(bundle, shielded.limits.max_step_tokens if shielded is not None else cfg.max_step_tokens,
+                        max_blocks_per_seq=shielded.limits.max_blocks_per_seq if shielded is not None else None)
+    max_body_bytes = int(max_body_bytes or cfg.max_body_bytes or sized["max_body_bytes"])
+    info = {**info, "max_step_tokens": sized["max_step_tokens"], "max_body_bytes": max_body_bytes}
     plane = DataPlane(bundle, shielded)
     app.state.plane = plane
     channels = None
@@ -106,8 +116,9 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int = 256 << 
 
 
 def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = 8400, *, token: str = "",
-          max_body_bytes: int = 256 << 20, threads: int = 0, log_level: str = "info") -> None:
-    """Load and validate the bundle, then serve until interrupted."""
+          max_body_bytes: int = 0, threads: int = 0, log_level: str = "info") -> None:
+    """Load and validate the bundle, then serve until interrupted.  max_body_bytes: 0 sizes the
+    body cap from the model (see ``create_app``)."""
     import torch
     import uvicorn
 

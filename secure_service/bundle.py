@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -26,8 +27,9 @@ class BundleError(RuntimeError):
 @dataclass
 class SecretTensor:
     entry: TensorEntry
-    left: torch.Tensor   # [m, k]
-    right: torch.Tensor  # [k, n]
+    left: Optional[torch.Tensor]  # [m, k]; None in a shielded service for a fused layer, whose
+                                  # executor holds the per-part blocks (``load_shielded_bundle``)
+    right: torch.Tensor           # [k, n]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Bundle:
             "model_type": self.manifest.model_type,
             "public_manifest_sha256": self.manifest_sha256,
             "tensors": len(self.tensors),
-            "secret_parameters": sum(t.left.numel() + t.right.numel() for t in self.tensors),
+            "secret_parameters": sum(t.entry.rank * (t.entry.shape[0] + t.entry.shape[1]) for t in self.tensors),
         }
 
 

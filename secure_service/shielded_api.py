@@ -19,9 +19,15 @@ bundle's protocol is shielded):
                            answer) MSG_LOGITS [R, vocab].  Allowed any number of times until the
                            next step starts: vLLM's runner asks for the sampling rows first and
                            then, per request that wants them, for prompt-logprob rows.
+                           At most as many rows as the step has tokens, each in range
+                           (``step_checks.check_rows``: 413/422).
 
 Protocol of one step (the host sees only x~, which is uniform in Z_p, and the final logits):
   1. host -> service: the step frame; the session's sequence number must increase (409 otherwise).
+     Its metadata is bound and capped by ``step_checks.check_step`` (tokens per step, block-table
+     width, seq_len <= max_model_len, positions, slot_mapping == the block-table slot; 413/422)
+     before anything else; the KV slots it reads are checked by the executor when the step starts
+     (written in this KV epoch, for that position and token prefix; 422).
      A step still in flight is aborted first: its generator is closed, which rolls its KV writes
      back and destroys its pending masks before the new step runs.
   2. service: the step's generator (``ShieldedExecutor.step_gen`` / ``forward_layers_gen`` /
@@ -44,8 +50,10 @@ Concurrency and time-outs: there are no worker threads and no queues.  The execu
 cache, so ONE step is in flight per service: ``_run`` holds its generator, and one lock serializes
 the handlers (each advances the generator at most to its next ask, so the lock is held for one
 stretch of service compute, never while waiting for the host).  A step whose host stops answering
-(``timeout_s``, ``SLIP_SHIELDED_STEP_TIMEOUT_S``) is aborted lazily: the next call of any endpoint
-that finds the step in flight idle (no ask sent) for longer than ``timeout_s`` closes its
+(``timeout_s`` + ``timeout_per_row_s`` x the rows of the ask waiting for its answer;
+``SLIP_SHIELDED_STEP_TIMEOUT_S``, ``SLIP_SHIELDED_STEP_TIMEOUT_PER_ROW_S``: a prefill of thousands
+of rows takes the host longer than a decode) is aborted lazily: the next call of any endpoint
+that finds the step in flight idle (no ask answered) for longer than that closes its
 generator (roll-back) before doing anything else, and an answer for that step gets 409 "step
 aborted: ...".  Until then the idle step holds only its own pending masks and KV writes, which no
 other step can observe, since any other step must first go through this service's lock and abort
@@ -68,6 +76,7 @@ import torch
 from secure_service.integrity import IntegrityError
 from secure_service.masks import MaskAuditRecorder
 from secure_service.shielded_executor import ShieldedExecutor, StepGen
+from secure_service.step_checks import StepLimits, StepRejected, check_rows, check_step
 from slip_vllm.core.wire import (
     MSG_ASK, MSG_LOGITS, MSG_READY, ShieldedMessage, ShieldedStep, encode_shielded_message,
 )
@@ -75,14 +84,6 @@ from slip_vllm.core.wire import (
 log = logging.getLogger("slip.service")
 
 __all__ = ["StepRejected", "ShieldedService"]
-
-
-class StepRejected(Exception):
-    """A shielded request the service refuses; carries the HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class _Ready:
@@ -113,13 +114,25 @@ class ShieldedService:
     """One executor, one step in flight at a time (see the module docstring)."""
 
     def __init__(self, bundle_dir, *, num_blocks: int, block_size: int, timeout_s: float = 60.0,
-                 pool_rows: Optional[int] = None, mask_audit: bool = False):
+                 pool_rows: Optional[int] = None, mask_audit: bool = False, timeout_per_row_s: float = 0.0,
+                 max_model_len: int = 0, max_step_tokens: int = 8192):
         """mask_audit: fingerprint every mask row handed out (``MaskAuditRecorder``) and report the
-        audit in ``stats()`` (rows, unique rows, repeats)."""
+        audit in ``stats()`` (rows, unique rows, repeats).
+        bundle_dir: the secret bundle's directory, or the ``bundle.Bundle`` the caller loaded (and
+        hashed) already, so it is loaded once.  timeout_s + timeout_per_row_s * rows: how long an
+        ask of that many rows waits for the host's answer.  max_model_len (0: the model's
+        max_position_embeddings) and max_step_tokens: the caps of ``step_checks.StepLimits``."""
         self.audit = MaskAuditRecorder() if mask_audit else None
         self.executor = ShieldedExecutor.from_bundle(bundle_dir, num_blocks=num_blocks, block_size=block_size,
-                                                     pool_rows=pool_rows, mask_recorder=self.audit)
+                                                     pool_rows=pool_rows, mask_recorder=self.audit,
+                                                     max_model_len=max_model_len)
+        if timeout_s <= 0 or timeout_per_row_s < 0:
+            raise ValueError("the step timeout must be > 0 s and its per-row part >= 0 s")
         self.timeout_s = float(timeout_s)
+        self.timeout_per_row_s = float(timeout_per_row_s)
+        self.limits = StepLimits(num_blocks=self.executor.cache.num_blocks, block_size=self.executor.cache.block_size,
+                                 max_model_len=self.executor.max_model_len, max_step_tokens=int(max_step_tokens),
+                                 vocab=self.executor.vocab)
         self.shapes = {k: tuple(w.shape) for k, w in self.executor.public_weights().items()}
         self._lock = threading.Lock()          # the step in flight, the ready step
         self._counts_lock = threading.Lock()   # the counters (so stats() never waits for compute)
@@ -133,7 +146,12 @@ class ShieldedService:
     def info(self) -> dict:
         ex = self.executor
         return {"p": ex.p, "masked_gemms_per_step": len(ex.layer_keys()), "kv_blocks": ex.cache.num_blocks,
-                "block_size": ex.cache.block_size, "steps_in_flight_max": 1}
+                "block_size": ex.cache.block_size, "steps_in_flight_max": 1, "max_model_len": self.limits.max_model_len,
+                "step_timeout_s": self.timeout_s, "step_timeout_per_row_s": self.timeout_per_row_s}
+
+    def step_timeout(self, rows: int) -> float:
+        """Seconds an ask of ``rows`` token rows may wait for its answer: timeout_s + timeout_per_row_s * rows."""
+        return self.timeout_s + self.timeout_per_row_s * rows
 
     def stats(self) -> dict:
         with self._counts_lock:
@@ -168,8 +186,8 @@ class ShieldedService:
     def _expire_locked(self) -> Optional[_Run]:
         """Abort the run in flight if it has been idle for longer than ``timeout_s``; returns it."""
         run = self._run
-        if run is not None and time.monotonic() - run.last > self.timeout_s:
-            log.warning("shielded step %#x: no host answer within %g s, aborted", run.id, self.timeout_s)
+        if run is not None and time.monotonic() - run.last > self.step_timeout(run.rows):
+            log.warning("shielded step %#x: no host answer within %g s, aborted", run.id, self.step_timeout(run.rows))
             self._abort_locked()
             return run
         return None
@@ -221,6 +239,7 @@ class ShieldedService:
     # -- the three calls -------------------------------------------------------------------------
 
     def start_step(self, frame: ShieldedStep) -> bytes:
+        check_step(frame, self.limits)  # metadata bound and capped before anything is touched
         n = int(frame.input_ids.shape[0])
         if n > self.executor.cache.num_slots or int(frame.seq_lens.shape[0]) > n:
             raise StepRejected(422, f"a step holds 1..{self.executor.cache.num_slots} tokens (the KV cache's "
@@ -255,10 +274,7 @@ class ShieldedService:
             if msg.call != ready.next_call:
                 raise StepRejected(409, f"replayed or out-of-order request: call {msg.call}, "
                                         f"expected {ready.next_call}")
-            rows = msg.payload.reshape(-1)
-            n = int(ready.hidden.shape[0])
-            if msg.payload.shape[0] != 1 or int(rows.min()) < 0 or int(rows.max()) >= n:
-                raise StepRejected(422, f"rows must be one row of token indices in [0, {n})")
+            rows = check_rows(msg.payload, int(ready.hidden.shape[0]), self.limits)
             run = _Run(self.executor.head_gen(ready.hidden[rows]), "head", step_id=ready.id, ready=ready,
                        call=ready.next_call - 1)
             self._run = run
@@ -269,8 +285,8 @@ class ShieldedService:
         with self._lock:
             expired = self._expire_locked()
             if expired is not None and msg.step == expired.id:
-                raise StepRejected(409, f"step aborted: no host answer within {self.timeout_s:g} s; its KV "
-                                        f"writes were rolled back")
+                raise StepRejected(409, f"step aborted: no host answer within {self.step_timeout(expired.rows):g} s; "
+                                        f"its KV writes were rolled back")
             run = self._run
             if run is None or msg.step != run.id:
                 raise StepRejected(409, f"no step {msg.step:#x} in flight (finished, aborted or unknown)")

@@ -8,7 +8,8 @@ What this module owns
   ``shielded_executor`` imports this module (to build from a bundle and to make splits), this
   module never imports the executor;
 * ``load_shielded_bundle``: everything the secure service needs to rebuild the ``ShieldedExecutor``
-  that ``slip protect --protocol shielded`` split, validated before a single call is answered.  The
+  that ``slip protect --protocol shielded`` split, validated before a single call is answered
+  (from the directory, or from the ``Bundle`` the service already loaded: read and hashed once).  The
   bundle writer is ``slip_vllm.vendor.protect_shielded``; the file layout is defined there.  The
   bundle stores each layer's left factor as one dense block-diagonal [m, K] matrix
   (``FusedSplit.left``); the loader cuts it into the per-part blocks
@@ -92,11 +93,16 @@ class ShieldedBundle:
     layer_keys: List[str]
 
 
-def load_shielded_bundle(path: Union[str, Path]) -> ShieldedBundle:
+def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
+    """source: the bundle directory, or the ``Bundle`` the service loaded (and hashed) already:
+    then the generic files are not read or hashed again.  The factors end up held once: each
+    secret tensor's ``right`` becomes the executor's own (aligned) copy, its ``left`` too for an
+    unfused layer, and for a fused one the dense block-diagonal ``left`` is dropped (None) once its
+    per-part blocks are cut (nothing in a shielded service reads it: the split plane is closed)."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    bundle = load_bundle(path)
+    bundle = source if isinstance(source, Bundle) else load_bundle(Path(source))
+    path = bundle.path
     if bundle.protocol != "shielded":
         raise BundleError(f"{path} is a {bundle.protocol!r} bundle, not a shielded one")
     meta = json.loads((path / "bundle.json").read_text())
@@ -156,6 +162,8 @@ def load_shielded_bundle(path: Union[str, Path]) -> ShieldedBundle:
             raise BundleError(f"{key}: {exc}") from None
         splits[key] = FusedSplit(low_rank=low_rank, public=None, bias=None if bias is None else bias.float(),
                                  parts=parts[key])
+        st.right = low_rank.right  # one copy of each factor (see the docstring)
+        st.left = low_rank.lefts[0] if len(low_rank.lefts) == 1 else None
         quantized[key] = QuantizedWeight(w_q=w_q.contiguous(), scale=scale.contiguous(), bits=weight_bits)
         freivalds[key] = u.contiguous()
     embed = take("embed")

@@ -57,7 +57,11 @@ block-diagonal matrix on both paths.
 
 Data flow of one ``step`` (flattened mixed prefill/decode batch of N tokens, S sequences)
 -----------------------------------------------------------------------------------------
-0. service: h = E[input_ids] (float32 [N, d]); (cos, sin) = rotary(positions) once per step.
+0. service: the batch is checked (shapes, ranges, positions, seq_len <= max_model_len) and so are
+   the KV slots it reads: each context slot must hold a write of this KV epoch for that position
+   and for the same token prefix (``step_checks.check_kv_reads``); the step's slots are saved for
+   the roll-back and their records set.  h = E[input_ids] (float32 [N, d]); (cos, sin) =
+   rotary(positions) once per step.
 For every decoder layer l:
 1. service: x = input_norm(h); masked GEMM "layers.l.qkv" (mask, one host call for the whole
    batch, Freivalds check, unmask, + W_C x + b) -> [q; k; v].
@@ -84,8 +88,8 @@ So each step makes exactly 4 host calls per layer + 1 per logits request, whatev
 
 Failure: if any host answer fails its check (``IntegrityError``, alarm raised by ``ShieldedLinear``)
 or anything else raises, or the caller closes the step's generator, the step is refused as a
-whole: the KV-cache slots the step wrote are restored to their previous contents, synchronously,
-so the executor stays consistent and usable for the next step (fail closed).
+whole: the KV-cache slots the step wrote (K/V and their records) are restored to their previous
+contents, synchronously, so the executor stays consistent and usable for the next step (fail closed).
 
 Modes (``mode=``), the same glue and the same split in all three:
 * ``"shielded"`` (the protocol): masked host GEMMs as above;
@@ -109,8 +113,9 @@ import torch
 
 from secure_service.integrity import AlarmCounter, FreivaldsKey
 from secure_service.masks import MaskAuditRecorder, MaskProvider, PooledMaskProvider
-from secure_service.shielded_bundle import FusedSplit, load_shielded_bundle
+from secure_service.shielded_bundle import FusedSplit, ShieldedBundle, load_shielded_bundle
 from secure_service.shielded_linear import ShieldedLinear
+from secure_service.step_checks import PrefixTags, check_kv_reads, model_max_len
 from slip_vllm.core.decompose import RankPolicy, split_matrix
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
@@ -200,6 +205,12 @@ class PagedKVCache:
 
     A token's slot s = block * block_size + offset (``slot_mapping``); a sequence's j-th token is in
     block ``block_tables[s, j // block_size]`` at offset ``j % block_size``.
+
+    Per slot it also records, for the current KV epoch, what was written there (``step_checks``,
+    "Which slots a step may read"): ``written_pos`` (the position, -1: never written), ``tag`` (the
+    prefix tag of the token) and ``prev`` (the prefix tag of its predecessor).  ``save``/``restore``
+    cover them with the K/V, so a rolled-back step leaves no record; ``reset`` starts a new epoch
+    (every slot unwritten).
     """
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -210,6 +221,24 @@ class PagedKVCache:
         shape = (layers, num_blocks, block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
+        slots = self.num_blocks * self.block_size
+        self.written_pos = torch.full((slots,), -1, dtype=torch.int64)
+        self.tag = torch.zeros(slots, dtype=torch.int64)
+        self.prev = torch.zeros(slots, dtype=torch.int64)
+
+    def reset(self) -> None:
+        """A new KV epoch: every slot unwritten (reads of them are refused until a step writes
+        them again).  The K/V values stay in trusted memory and are overwritten on reuse."""
+        self.written_pos.fill_(-1)
+        self.tag.zero_()
+        self.prev.zero_()
+
+    def mark_written(self, slots: torch.Tensor, positions: torch.Tensor, tag: torch.Tensor,
+                     prev: torch.Tensor) -> None:
+        """Record a step's writes (the values of slots listed twice agree: ``check_kv_reads``)."""
+        self.written_pos[slots] = positions
+        self.tag[slots] = tag
+        self.prev[slots] = prev
 
     @property
     def num_slots(self) -> int:
@@ -220,18 +249,22 @@ class PagedKVCache:
         k, v = self.k[layer], self.v[layer]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
 
-    def save(self, slots: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Copies of every layer's K/V at ``slots`` (to restore a refused step)."""
+    def save(self, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Copies of every layer's K/V and of the slot records at ``slots`` (to restore a refused step)."""
         k = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
         v = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
-        return k[:, slots].clone(), v[:, slots].clone()
+        return (k[:, slots].clone(), v[:, slots].clone(), self.written_pos[slots].clone(), self.tag[slots].clone(),
+                self.prev[slots].clone())
 
-    def restore(self, slots: torch.Tensor, saved: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    def restore(self, slots: torch.Tensor, saved: Tuple[torch.Tensor, ...]) -> None:
         k = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
         v = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
         # every saved copy of a slot listed twice holds the same pre-step contents
         k[:, slots] = saved[0]
         v[:, slots] = saved[1]
+        self.written_pos[slots] = saved[2]
+        self.tag[slots] = saved[3]
+        self.prev[slots] = saved[4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,10 +399,11 @@ class ShieldedExecutor:
                  pool_rows: Optional[int] = None, alarms: Optional[AlarmCounter] = None,
                  quantized: Optional[Dict[str, QuantizedWeight]] = None, p: Optional[int] = None,
                  freivalds: Optional[Dict[str, torch.Tensor]] = None,
-                 mask_recorder: Optional[MaskAuditRecorder] = None):
+                 mask_recorder: Optional[MaskAuditRecorder] = None, max_model_len: int = 0):
         """quantized / p / freivalds (a secret bundle's stored W_q and scales, prime, Freivalds
         vectors u per layer key): use them instead of quantizing ``splits[key].public``, choosing
-        p and drawing fresh keys; p is checked against the bound of every layer."""
+        p and drawing fresh keys; p is checked against the bound of every layer.  max_model_len:
+        the longest sequence a step may hold (0: the config's max_position_embeddings)."""
         module, prefix = _family_module(config)
         self.config = config
         self.model_type = config.model_type
@@ -413,6 +447,8 @@ class ShieldedExecutor:
         self.embed = embed.float().contiguous()
         self.vocab = int(self.embed.shape[0])
         self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        self.max_model_len = model_max_len(config, int(max_model_len))
+        self.kv_tags = PrefixTags(self.vocab, self.max_model_len)  # secret: which slots a step may read
         self.splits = splits
         self.host_calls: List[str] = []
         self.alarms = alarms if alarms is not None else AlarmCounter()
@@ -465,11 +501,13 @@ class ShieldedExecutor:
         return cls(config, splits, embed, norms, **kwargs)
 
     @classmethod
-    def from_bundle(cls, secret_dir: Union[str, Path], **kwargs) -> "ShieldedExecutor":
+    def from_bundle(cls, secret_dir, **kwargs) -> "ShieldedExecutor":
         """Build from a ``slip protect --protocol shielded`` secret bundle (OUT/secret): its factors,
         scales, biases, norms, embedding, W_q, p and Freivalds keys.  The result is bit-identical
-        to ``from_checkpoint`` with the same rank policy and seed (see ``shielded_bundle``)."""
-        b = load_shielded_bundle(secret_dir)
+        to ``from_checkpoint`` with the same rank policy and seed (see ``shielded_bundle``).
+        secret_dir: the directory, a loaded ``bundle.Bundle`` (not read or hashed again) or a
+        ``ShieldedBundle``."""
+        b = secret_dir if isinstance(secret_dir, ShieldedBundle) else load_shielded_bundle(secret_dir)
         return cls(b.config, b.splits, b.embed, b.norms, quantized=b.quantized, p=b.p, freivalds=b.freivalds,
                    weight_bits=b.weight_bits, act_bits=b.act_bits, **kwargs)
 
@@ -586,13 +624,24 @@ class ShieldedExecutor:
             raise ValueError("positions do not match seq_lens and query_start_loc")
         if bool((block_tables < 0).any()) or bool((block_tables >= self.cache.num_blocks).any()):
             raise ValueError("block table entry out of range")
+        if s and int(seq_lens.max()) > self.max_model_len:
+            raise ValueError(f"seq_len {int(seq_lens.max())} exceeds max_model_len {self.max_model_len}")
 
     def _prepare(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables):
-        """Cast the batch metadata to int64 and check it (once per step); resets ``host_calls``."""
+        """Cast the batch metadata to int64 and check it (once per step), including which KV slots
+        it may read (``step_checks.check_kv_reads``); resets ``host_calls``.  Returns the batch and
+        the slot records its writes will leave (for ``_begin_writes``)."""
         batch = tuple(t.long() for t in (input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables))
         self._check_batch(*batch)
+        marks = check_kv_reads(self.cache, self.kv_tags, *batch)
         self.host_calls = []
-        return batch
+        return batch, marks
+
+    def _begin_writes(self, batch, marks):
+        """Save what the step's slots hold (for the roll-back) and record the step's writes."""
+        saved = self.cache.save(batch[2])
+        self.cache.mark_written(batch[2], batch[1], *marks)
+        return saved
 
     def _needs_host(self, host_gemm: Optional[HostGemm]) -> None:
         if host_gemm is None and self.mode == "shielded":
@@ -605,9 +654,9 @@ class ShieldedExecutor:
         """Generator form of ``step``: yields (layer key, x~) per masked GEMM, is sent y~, returns the
         logits.  Nothing runs before the first ``next``; closing it (``close()``) or throwing into
         it at an ask rolls the step's KV writes back before ``close``/``throw`` returns."""
-        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
+        batch, marks = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
         logits_indices = batch[3][1:] - 1 if logits_indices is None else logits_indices.long()
-        saved = self.cache.save(batch[2])  # one roll-back for the layers and the LM head
+        saved = self._begin_writes(batch, marks)  # one roll-back for the layers and the LM head
         try:
             hidden = self.final_norm((yield from self._layers(*batch)))
             return (yield from self._linear("lm_head", hidden[logits_indices]))
@@ -621,8 +670,8 @@ class ShieldedExecutor:
                            block_tables: torch.Tensor) -> StepGen[torch.Tensor]:
         """Generator form of ``forward_layers`` (asks as ``step_gen``; returns the final-normed
         hidden rows; closed or failed: KV writes rolled back)."""
-        batch = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
-        saved = self.cache.save(batch[2])
+        batch, marks = self._prepare(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables)
+        saved = self._begin_writes(batch, marks)
         try:
             h = yield from self._layers(*batch)
         except BaseException:

@@ -53,10 +53,17 @@ class Settings:
         metadata={"env": "SLIP_STARTUP_WAIT_S", "help": "how long vLLM's loader waits for the service at start"},
     )
     max_body_bytes: int = field(
-        default=256 * 1024 * 1024,
+        default=0,
         metadata={"env": "SLIP_MAX_BODY_BYTES",
                   "help": "largest data-plane request body the service accepts; also the bytes per direction of a "
-                          "shared-memory channel (virtual: only the pages a message touches are used)"},
+                          "shared-memory channel (virtual: only the pages a message touches are used); 0: sized from "
+                          "the model (SLIP_MAX_STEP_TOKENS x the widest row an endpoint carries, see /v1/info)"},
+    )
+    max_step_tokens: int = field(
+        default=8192,
+        metadata={"env": "SLIP_MAX_STEP_TOKENS",
+                  "help": "service: most token rows one engine step (or one split call) may carry; sizes the body "
+                          "cap, and a larger shielded step is refused (413)"},
     )
     channel: bool = field(
         default=True,
@@ -127,6 +134,18 @@ class Settings:
         default=32,
         metadata={"env": "SLIP_SHIELDED_BLOCK_SIZE",
                   "help": "shielded: tokens per KV-cache block, vLLM's and the service's (vLLM's CPU attention needs a multiple of 32)"},
+    )
+    shielded_max_model_len: int = field(
+        default=0,
+        metadata={"env": "SLIP_SHIELDED_MAX_MODEL_LEN",
+                  "help": "shielded: longest sequence a step may hold (seq_len cap, block-table width cap); 0: the "
+                          "model's max_position_embeddings"},
+    )
+    shielded_step_timeout_per_row_ms: float = field(
+        default=1.0,
+        metadata={"env": "SLIP_SHIELDED_STEP_TIMEOUT_PER_ROW_MS",
+                  "help": "shielded: the step timeout grows by this per token row of the ask awaiting the host's "
+                          "answer (SLIP_SHIELDED_STEP_TIMEOUT_S + rows x this)"},
     )
     shielded_step_timeout_s: float = field(
         default=60.0,

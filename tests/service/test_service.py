@@ -67,7 +67,7 @@ def test_health_and_info_reveal_no_secrets(service, artifact):
     assert info["public_manifest_sha256"] == bundle["public_manifest_sha256"]
     assert info["protocol"] == "split"
     assert set(info) == {"protocol", "architecture", "model_type", "public_manifest_sha256", "tensors",
-                         "secret_parameters", "data_planes"}
+                         "secret_parameters", "data_planes", "max_step_tokens", "max_body_bytes"}
     assert info["data_planes"] == ["http", "shm"]
 
 
