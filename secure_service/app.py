@@ -2,7 +2,9 @@
 
 Endpoints:
   GET  /healthz            200 once the bundle is loaded and validated
-  GET  /v1/info            protocol, model, bundle hash, data planes offered (public facts only)
+  GET  /v1/info            protocol, model, bundle hash, data planes offered, the instance id of
+                           this process (and for shielded the KV epoch and whether an engine
+                           holds the service): public facts only
   GET  /v1/stats           counters: calls, rows, bytes in/out, rejected requests, channels
   POST /v1/channel/attach  step 1 of attaching a colocated shared-memory channel (bearer token,
                            the artifact's manifest hash); see secure_service.transport
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 
 from fastapi import FastAPI
 
@@ -55,13 +58,15 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int | None = 
             close()
 
     app = FastAPI(title="SLIP secure service", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    info = bundle.info()
+    instance = secrets.randbits(63) | 1  # this process: a restarted service has another
+    info = {**bundle.info(), "instance": instance}
     shielded = None
     if bundle.protocol == "shielded":
         from secure_service.shielded_api import ShieldedService
 
         opts = {"num_blocks": cfg.shielded_kv_blocks, "block_size": cfg.shielded_block_size,
                 "timeout_s": cfg.shielded_step_timeout_s, "mask_audit": cfg.mask_audit,
+                "owner_lease_s": cfg.shielded_owner_lease_s, "instance": instance,
                 "timeout_per_row_s": cfg.shielded_step_timeout_per_row_ms * 1e-3,
                 "max_model_len": cfg.shielded_max_model_len, "max_step_tokens": cfg.max_step_tokens,
                 **(shielded_options or {})}
@@ -78,7 +83,7 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int | None = 
                         max_blocks_per_seq=shielded.limits.max_blocks_per_seq if shielded is not None else None)
     max_body_bytes = int(max_body_bytes or cfg.max_body_bytes or sized["max_body_bytes"])
     info = {**info, "max_step_tokens": sized["max_step_tokens"], "max_body_bytes": max_body_bytes}
-    plane = DataPlane(bundle, shielded)
+    plane = DataPlane(bundle, shielded, instance)
     app.state.plane = plane
     channels = None
     if cfg.channel if channel is None else channel:
@@ -99,7 +104,7 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int | None = 
 
     @app.get("/v1/info")
     def v1_info() -> dict:
-        return info
+        return info if shielded is None else {**info, **shielded.identity()}
 
     @app.get("/v1/stats")
     def v1_stats() -> dict:

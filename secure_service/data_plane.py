@@ -91,8 +91,11 @@ class Stats:
 class DataPlane:
     """See the module docstring.  ``shielded``: the ``ShieldedService`` of a shielded bundle."""
 
-    def __init__(self, bundle: Bundle, shielded=None):
+    def __init__(self, bundle: Bundle, shielded=None, instance: int = 0):
+        """instance: this service process's id (``/v1/info``), written into every split reply
+        (the shielded service writes its own, with the KV epoch, into its messages)."""
         self.bundle = bundle
+        self.instance = instance
         self.split = SplitExecutor(bundle)
         self.shielded = shielded
         self.sessions = SessionGuard()
@@ -148,7 +151,7 @@ class DataPlane:
         rows, cols = self.split.output_shape(req)
         dtype = req.payload.dtype if req.kind != KIND_EMBED else self.split.tensors[req.tensor_ids[0]].left.dtype
         size = reply_size(dtype, rows, cols)
-        out = reply_into(sink(size), dtype, rows, cols)
+        out = reply_into(sink(size), dtype, rows, cols, self.instance)
         self.split.run(req, out)
         return size, rows
 

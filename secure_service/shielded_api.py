@@ -59,6 +59,14 @@ aborted: ...".  Until then the idle step holds only its own pending masks and KV
 other step can observe, since any other step must first go through this service's lock and abort
 it.  A new step frame aborts the step in flight whatever its age.
 
+One engine per service: the executor's KV cache mirrors ONE vLLM engine's paged cache.  The step
+frame names the service instance and KV epoch of the host's view; epoch 0 claims the service for
+the frame's session (refused with 409 while another engine's lease runs, ``owner_lease_s`` after its
+last frame), empties the KV cache and starts a new epoch.  A frame for another instance or epoch,
+or from a session that does not hold the service, is refused with 410 "stale KV view" before it
+touches anything: a restarted service (new instance, empty cache) or one claimed by another engine
+is never read as if it held this engine's KV.  Every reply carries (instance, epoch).
+
 Where it runs and what it holds: inside the secure service; everything secret stays in the
 executor (factors, scales, norms, biases, embedding, masks, Freivalds vectors, KV cache).
 """
@@ -114,10 +122,12 @@ class ShieldedService:
     """One executor, one step in flight at a time (see the module docstring)."""
 
     def __init__(self, bundle_dir, *, num_blocks: int, block_size: int, timeout_s: float = 60.0,
-                 pool_rows: Optional[int] = None, mask_audit: bool = False, timeout_per_row_s: float = 0.0,
-                 max_model_len: int = 0, max_step_tokens: int = 8192):
+                 pool_rows: Optional[int] = None, mask_audit: bool = False, owner_lease_s: float = 60.0,
+                 instance: int = 0, timeout_per_row_s: float = 0.0, max_model_len: int = 0,
+                 max_step_tokens: int = 8192):
         """mask_audit: fingerprint every mask row handed out (``MaskAuditRecorder``) and report the
-        audit in ``stats()`` (rows, unique rows, repeats).
+        audit in ``stats()`` (rows, unique rows, repeats).  instance: the service process's id
+        (random if 0); owner_lease_s: see "One engine per service" in the module docstring.
         bundle_dir: the secret bundle's directory, or the ``bundle.Bundle`` the caller loaded (and
         hashed) already, so it is loaded once.  timeout_s + timeout_per_row_s * rows: how long an
         ask of that many rows waits for the host's answer.  max_model_len (0: the model's
@@ -138,8 +148,14 @@ class ShieldedService:
         self._counts_lock = threading.Lock()   # the counters (so stats() never waits for compute)
         self._run: Optional[_Run] = None
         self._ready: Optional[_Ready] = None
+        self.instance = int(instance) or (secrets.randbits(63) | 1)
+        self.epoch = 0                         # 0: no engine has claimed the KV cache yet
+        self.owner: Optional[int] = None       # the session of the engine that holds it
+        self.owner_seen = 0.0
+        self.owner_lease_s = float(owner_lease_s)
         self._counts = {"steps_started": 0, "steps_completed": 0, "steps_aborted": 0, "steps_refused": 0,
-                        "host_calls": 0, "masked_rows": 0, "logits_requests": 0}
+                        "host_calls": 0, "masked_rows": 0, "logits_requests": 0, "claims": 0,
+                        "claims_refused": 0, "stale_steps": 0}
 
     # -- public facts --------------------------------------------------------------------------
 
@@ -152,6 +168,13 @@ class ShieldedService:
     def step_timeout(self, rows: int) -> float:
         """Seconds an ask of ``rows`` token rows may wait for its answer: timeout_s + timeout_per_row_s * rows."""
         return self.timeout_s + self.timeout_per_row_s * rows
+
+    def identity(self) -> dict:
+        """Public: who answers, which KV epoch, and whether an engine holds the service now."""
+        idle = time.monotonic() - self.owner_seen
+        held = self.owner is not None and idle < self.owner_lease_s
+        return {"instance": self.instance, "kv_epoch": self.epoch, "engine_attached": held,
+                "owner_lease_s": self.owner_lease_s}
 
     def stats(self) -> dict:
         with self._counts_lock:
@@ -192,6 +215,41 @@ class ShieldedService:
             return run
         return None
 
+    def _claim_locked(self, frame: ShieldedStep) -> None:
+        """One engine per service, and no step on a KV view the service does not hold.
+
+        epoch 0 in the frame claims the service: refused (409) while another engine's lease runs;
+        else the caller becomes the holder, the KV cache is emptied (nothing of an earlier epoch can
+        be read) and a new epoch begins.  Any other frame must name this instance, the current
+        epoch and come from the holder, else 410: the host's view is stale (the service restarted,
+        or another engine claimed it since) and it must reset and claim again."""
+        now = time.monotonic()
+        if frame.epoch == 0:
+            if self.owner is not None and self.owner != frame.session and now - self.owner_seen < self.owner_lease_s:
+                self._count("claims_refused")
+                raise StepRejected(409, f"another engine holds this shielded service (its KV cache serves one engine; "
+                                        f"last seen {now - self.owner_seen:.0f} s ago, released after "
+                                        f"{self.owner_lease_s:g} s of silence): start one secure service per vLLM "
+                                        f"engine")
+            self._abort_locked()
+            self._ready = None
+            self.executor.cache.reset()
+            self.epoch += 1
+            if self.owner != frame.session:
+                log.info("shielded service claimed by session %#x (KV epoch %d)", frame.session, self.epoch)
+            self.owner = frame.session
+            self._count("claims")
+        elif frame.instance != self.instance or frame.epoch != self.epoch or frame.session != self.owner:
+            self._count("stale_steps")
+            raise StepRejected(410, f"stale KV view: this service is instance {self.instance:#x} at KV epoch "
+                                    f"{self.epoch}, the step was built for instance {frame.instance:#x} epoch "
+                                    f"{frame.epoch} (the service restarted, or another engine claimed it): reset "
+                                    f"and claim again")
+        self.owner_seen = now
+
+    def _message(self, kind: int, step: int, call: int, key: str, payload: torch.Tensor) -> bytes:
+        return encode_shielded_message(kind, step, call, key, payload, instance=self.instance, epoch=self.epoch)
+
     def _advance_locked(self, run: _Run, y: Optional[torch.Tensor]) -> bytes:
         """Resume ``run``'s generator (with the host's answer y, or start it) up to its next ask or
         its end, and turn that into the reply (or a refusal)."""
@@ -218,10 +276,10 @@ class ShieldedService:
             raise StepRejected(500, "internal error in the shielded step (see the service log)") from None
         run.call += 1
         run.key, run.rows = key, int(x_masked.shape[0])
-        run.last = time.monotonic()
+        run.last = self.owner_seen = time.monotonic()
         self._count("host_calls")
         self._count("masked_rows", run.rows)
-        return encode_shielded_message(MSG_ASK, run.id, run.call, key, x_masked)
+        return self._message(MSG_ASK, run.id, run.call, key, x_masked)
 
     def _finish_locked(self, run: _Run, result: torch.Tensor) -> bytes:
         self._run = None
@@ -229,12 +287,12 @@ class ShieldedService:
             self._count("steps_completed")
             self._ready = _Ready(run.id, result, run.call + 1)
             rows = torch.tensor([[int(result.shape[0])]], dtype=torch.int64)
-            return encode_shielded_message(MSG_READY, run.id, run.call + 1, "", rows)
+            return self._message(MSG_READY, run.id, run.call + 1, "", rows)
         if run.kind == "step":
             self._count("steps_completed")
         else:
             run.ready.next_call = run.call + 1
-        return encode_shielded_message(MSG_LOGITS, run.id, run.call + 1, "", result.to(torch.float32))
+        return self._message(MSG_LOGITS, run.id, run.call + 1, "", result.to(torch.float32))
 
     # -- the three calls -------------------------------------------------------------------------
 
@@ -251,6 +309,7 @@ class ShieldedService:
         batch = (frame.input_ids, frame.positions, frame.slot_mapping, frame.query_start_loc, frame.seq_lens,
                  frame.block_tables)
         with self._lock:
+            self._claim_locked(frame)
             self._abort_locked()  # rolled back before the new step touches the cache
             self._ready = None
             if frame.defer_logits:

@@ -190,7 +190,10 @@ class ChannelServer:
 
     # -- step 1: the control plane's attach ----------------------------------------------------
 
-    def attach(self, manifest_sha256: str, capacity: Optional[int]) -> dict:
+    def attach(self, manifest_sha256: str, capacity: Optional[int], session: Optional[int] = None) -> dict:
+        """session: a host re-attaching after its channel broke asks for its old session id again
+        (it keeps its sequence numbers and, in shielded, its hold on the service); a live channel
+        of that session is then shut down when the new one is handed over."""
         if self._listener is None:
             raise Rejected(503, "the colocated channel is not running on this service")
         if not isinstance(manifest_sha256, str) or not hmac.compare_digest(manifest_sha256, self.manifest_sha256):
@@ -201,6 +204,9 @@ class ChannelServer:
             raise Rejected(422, "capacity must be an integer of at least 4096 bytes")
         if capacity > self.capacity:
             raise Rejected(413, f"capacity {capacity} exceeds the service's limit of {self.capacity} bytes per direction")
+        if session is not None and (isinstance(session, bool) or not isinstance(session, int)
+                                    or not 0 < session < 2**62):
+            raise Rejected(422, "session must be the integer id of an earlier channel")
         now = time.monotonic()
         with self._lock:
             if len(self._channels) >= self.max_channels:
@@ -208,7 +214,8 @@ class ChannelServer:
             for t in [t for t, (_, _, exp) in self._tickets.items() if exp < now]:
                 del self._tickets[t]
             ticket = secrets.token_hex(TICKET_BYTES // 2)
-            session = secrets.randbits(62) | 1
+            if session is None:
+                session = secrets.randbits(62) | 1
             self._tickets[ticket] = (session, capacity, now + TICKET_TTL_S)
         return {"socket": self.path, "ticket": ticket, "session": session, "capacity": capacity, "version": 1}
 
@@ -252,8 +259,14 @@ class ChannelServer:
             conn.close()
             return
         with self._lock:
+            old = self._channels.get(ch.session)
             self._channels[ch.session] = ch
             self.attached_total += 1
+        if old is not None:  # the same host re-attached: wake the old channel's thread, which ends
+            try:
+                old.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         log.info("channel %#x attached (%d bytes per direction)", ch.session, ch.capacity)
         threading.Thread(target=self._serve, args=(ch,), name=f"slip-channel-{ch.session:x}", daemon=True).start()
 
@@ -307,7 +320,8 @@ class ChannelServer:
             pass
         finally:
             with self._lock:
-                self._channels.pop(ch.session, None)
+                if self._channels.get(ch.session) is ch:
+                    del self._channels[ch.session]
             ch.close()
             log.info("channel %#x detached", ch.session)
 
@@ -329,6 +343,6 @@ def attach_route(app: FastAPI, server: Optional[ChannelServer], token: str,
         except ValueError:
             return reject(400, "the attach body must be a JSON object")
         try:
-            return JSONResponse(server.attach(body.get("manifest_sha256"), body.get("capacity")))
+            return JSONResponse(server.attach(body.get("manifest_sha256"), body.get("capacity"), body.get("session")))
         except Rejected as exc:
             return reject(exc.status, exc.message)

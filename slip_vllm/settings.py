@@ -37,12 +37,21 @@ class Settings:
         },
     )
     service_timeout_s: float = field(
-        default=30.0,
-        metadata={"env": "SLIP_SERVICE_TIMEOUT_S", "help": "timeout of one data-plane call, seconds"},
+        default=10.0,
+        metadata={"env": "SLIP_SERVICE_TIMEOUT_S",
+                  "help": "vLLM side: how long a data-plane call waits for the service's reply, seconds, plus "
+                          "SLIP_SERVICE_TIMEOUT_PER_ROW_MS per token row (a hung service fails the step after this)"},
+    )
+    service_timeout_per_row_ms: float = field(
+        default=1.0,
+        metadata={"env": "SLIP_SERVICE_TIMEOUT_PER_ROW_MS",
+                  "help": "vLLM side: extra reply wait per token row of the call (big prefills take longer)"},
     )
     service_retries: int = field(
         default=2,
-        metadata={"env": "SLIP_SERVICE_RETRIES", "help": "retries of a failed data-plane call before the step fails"},
+        metadata={"env": "SLIP_SERVICE_RETRIES",
+                  "help": "split: retries of a data-plane call that could not be delivered (never of a timed-out "
+                          "call, nor of a shielded step) before the step fails"},
     )
     service_retry_backoff_s: float = field(
         default=0.2,
@@ -151,6 +160,12 @@ class Settings:
         default=60.0,
         metadata={"env": "SLIP_SHIELDED_STEP_TIMEOUT_S",
                   "help": "shielded: a step whose host answer does not come within this time is aborted"},
+    )
+    shielded_owner_lease_s: float = field(
+        default=60.0,
+        metadata={"env": "SLIP_SHIELDED_OWNER_LEASE_S",
+                  "help": "shielded: one engine holds the service (its KV mirror); another engine's claim is "
+                          "refused (409) until the holder has been silent this long"},
     )
     log_level: str = field(
         default="INFO",

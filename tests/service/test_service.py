@@ -60,15 +60,19 @@ def raw_status(port: int, request: bytes) -> int:
     return int(head.split()[1])
 
 
-def test_health_and_info_reveal_no_secrets(service, artifact):
+def test_health_and_info_reveal_no_secrets(service, artifact, manifest):
     assert httpx.get(service.url + "/healthz").status_code == 200
     info = httpx.get(service.url + "/v1/info").json()
     bundle = json.loads((artifact[1] / "secret" / "bundle.json").read_text())
     assert info["public_manifest_sha256"] == bundle["public_manifest_sha256"]
     assert info["protocol"] == "split"
     assert set(info) == {"protocol", "architecture", "model_type", "public_manifest_sha256", "tensors",
-                         "secret_parameters", "data_planes", "max_step_tokens", "max_body_bytes"}
+                         "secret_parameters", "data_planes", "instance", "max_step_tokens", "max_body_bytes"}
     assert info["data_planes"] == ["http", "shm"]
+    # a service process's instance id is in every data-plane reply: a restart is seen in the next one
+    tid = {t["name"]: t["id"] for t in manifest["tensors"]}["model.layers.1.self_attn.o_proj.weight"]
+    r = post(service, frame(wire.KIND_LINEAR, (tid,), torch.randn(3, 128)))
+    assert r.status_code == 200 and wire.reply_instance(r.content) == info["instance"] != 0
 
 
 def test_fused_linear_matches_golden_reference(service, artifact, manifest):
