@@ -37,7 +37,8 @@ from test_executor import (ABS_TOL, AGREE_INT8, BLOCK_SIZE, NUM_BLOCKS, POLICY, 
 
 SEED = 11
 SERVICE_ENV = {"SLIP_SHIELDED_KV_BLOCKS": str(NUM_BLOCKS), "SLIP_SHIELDED_BLOCK_SIZE": str(BLOCK_SIZE),
-               "SLIP_MASK_POOL_ROWS": "16", "SLIP_MASK_PRECOMPUTE_CHUNK": "16"}
+               "SLIP_MASK_POOL_ROWS": "16", "SLIP_MASK_PRECOMPUTE_CHUNK": "16",
+               "SLIP_SHIELDED_OWNER_LEASE_S": "0"}  # hosts of the tests take turns: no engine holds the service
 PUBLIC_ALLOWED = {"config.json", "slip_manifest.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja"}
 SECRET_WORDS = ("scale", "norm", "bias", "embed", "factor", "left", "right", "freivalds", "secret", "bundle")
@@ -266,8 +267,12 @@ def test_tampering_host_gets_an_integrity_error_and_the_next_step_succeeds(artif
     url = _url(service, "shm")  # the cheating host's answers travel over the shared-memory channel
     with ShieldedHost(out / "public", url) as honest, Tampering(out / "public", url) as bad:
         _serve(honest, steps[:2])
+        # the same engine turns to cheating: its channel, session, sequence and view of the service
+        bad.transport.close()
+        bad.transport, bad.seq, bad.instance, bad.epoch = honest.transport, honest.seq, honest.instance, honest.epoch
         with pytest.raises(ShieldedServiceError) as err:
             bad.step(**_batch(steps[2]))
+        honest.seq = bad.seq
         assert err.value.status == 422 and "integrity" in err.value.message
         assert "lm_head" not in bad.calls  # refused at once
         stats = _stats(service)["shielded"]
@@ -408,11 +413,14 @@ def test_restarted_service_gives_identical_results(artifacts, services, referenc
     _, out = artifacts["qwen2"]
     steps, ref_rows = reference("qwen2")
     first = services("qwen2")
-    info = httpx.get(first.url + "/v1/info").json()
+    process_facts = ("instance", "kv_epoch", "engine_attached")  # of this process, not of the bundle
+    info = {k: v for k, v in httpx.get(first.url + "/v1/info").json().items() if k not in process_facts}
     first.stop()
     again = secure_service(out / "secret", log_dir, name="shielded-qwen2-restart", **SERVICE_ENV).start().wait_ready(60)
     try:
-        assert httpx.get(again.url + "/v1/info").json() == info
+        info_again = httpx.get(again.url + "/v1/info").json()
+        assert (info_again["kv_epoch"], info_again["engine_attached"]) == (0, False)
+        assert {k: v for k, v in info_again.items() if k not in process_facts} == info
         with ShieldedHost(out / "public", again.url) as host:
             rows = _serve(host, steps)
         assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, ref_rows))
@@ -430,7 +438,8 @@ def test_info_reveals_no_secrets_and_the_split_plane_is_closed(artifacts, servic
     assert set(info) == {"protocol", "architecture", "model_type", "public_manifest_sha256", "tensors",
                          "secret_parameters", "p", "masked_gemms_per_step", "kv_blocks", "block_size",
                          "steps_in_flight_max", "data_planes", "max_model_len", "step_timeout_s",
-                         "step_timeout_per_row_s", "max_step_tokens", "max_body_bytes"}
+                         "step_timeout_per_row_s", "max_step_tokens", "max_body_bytes", "instance", "kv_epoch",
+                         "engine_attached", "owner_lease_s"}
     r = httpx.post(service.url + "/v1/split/apply", content=b"x" * 64)
     assert r.status_code == 403
 
@@ -593,7 +602,9 @@ def _start(svc, seq, st, defer=False):
     b = _batch(st)
     if defer:
         del b["logits_indices"]
-    frame = wire.decode_shielded_step(wire.encode_shielded_step(0x77, seq, **b, defer_logits=defer))
+    # the first frame claims the service (epoch 0), the later ones name its instance and KV epoch
+    frame = wire.decode_shielded_step(wire.encode_shielded_step(0x77, seq, **b, defer_logits=defer,
+                                                                instance=svc.instance, epoch=svc.epoch))
     return wire.decode_shielded_message(svc.start_step(frame))
 
 
