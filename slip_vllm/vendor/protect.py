@@ -44,13 +44,15 @@ SUPPORTED_MODEL_TYPES = {
     "qwen3": "Qwen3", "gpt2": "GPT-2 (Conv1D projections)", "bert": "BERT encoders (embeddings endpoint)",
 }
 
-# Files copied from the input directory into the public artifact. Anything else (original weights,
-# optimizer states, READMEs that may embed numbers) is left behind on purpose.
-PUBLIC_COPY_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
-    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-    "chat_template.json",
-)
+# What of the input directory is NOT carried into the public artifact: weights (the protected ones
+# are rewritten; any other copy, e.g. pytorch_model.bin next to safetensors or Llama-3's original/,
+# would give the model away), their shard indexes and training state.  Every other file is carried,
+# subdirectories included: tokenizer files, generation_config.json, chat templates, and the
+# sentence-transformers files vLLM reads for pooling (modules.json, 1_Pooling/config.json,
+# sentence_bert_config.json, config_sentence_transformers.json).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz",
+                   ".npy", ".pkl", ".pickle", ".tflite", ".ot", ".mlmodel", ".tar", ".zip")
+TRAINING_STATE_FILES = {"trainer_state.json", "optimizer.pt", "scheduler.pt"}
 
 SECRET_FACTORS_FILE = "factors.safetensors"
 BUNDLE_FILE = "bundle.json"
@@ -58,6 +60,51 @@ BUNDLE_FILE = "bundle.json"
 
 class ProtectError(RuntimeError):
     """A problem with the inputs of ``slip protect``, worded for the person running it."""
+
+
+def _is_weight_file(name: str) -> bool:
+    lowered = name.lower()
+    return (lowered.endswith(WEIGHT_SUFFIXES) or lowered.endswith((".safetensors.index.json", ".bin.index.json"))
+            or name in TRAINING_STATE_FILES)
+
+
+def public_files(model_dir: Path) -> list[Path]:
+    """The files of ``model_dir`` (relative paths) that OUT/public carries: everything but weights,
+    their indexes, training state, hidden files and config.json (rewritten).  Weights inside a
+    sentence-transformers module that modules.json lists (e.g. a ``2_Dense`` projection) are refused:
+    SLIP does not protect them, and serving without them would change the embeddings."""
+    model_dir = Path(model_dir)
+    modules = set()
+    if (model_dir / "modules.json").is_file():
+        try:
+            modules = {str(m.get("path", "")).strip("/") for m in json.loads((model_dir / "modules.json").read_text())}
+        except (ValueError, AttributeError, TypeError):
+            raise ProtectError(f"{model_dir / 'modules.json'} is not a sentence-transformers module list") from None
+    carried = []
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file() or rel == Path("config.json"):
+            continue
+        if _is_weight_file(path.name):
+            if len(rel.parts) > 1 and rel.parts[0] in modules:
+                raise ProtectError(f"{rel}: the sentence-transformers module {rel.parts[0]!r} holds weights that SLIP "
+                                   f"does not protect (only the transformer's matrices are); publishing them would give "
+                                   f"them away and serving without them changes the embeddings. Remove the module "
+                                   f"from modules.json or fold it into the model")
+            continue
+        carried.append(rel)
+    return carried
+
+
+def copy_public_files(model_dir: Path, public_dir: Path) -> list[Path]:
+    """Copy ``public_files(model_dir)`` into ``public_dir``, keeping subdirectories."""
+    carried = public_files(model_dir)
+    for rel in carried:
+        (public_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(model_dir / rel, public_dir / rel)
+    log.info("carried %d non-weight files into the public artifact: %s", len(carried),
+             ", ".join(str(r) for r in carried) or "none")
+    return carried
 
 
 @dataclass
@@ -210,8 +257,10 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
     if config.protocol == "shielded":
         if not any(model_dir.glob("*.safetensors")):
             raise ProtectError(f"{model_dir} holds no *.safetensors weights (protocol 'shielded' reads safetensors)")
-        return write_shielded(model_dir, out_dir, config, hf_config, seed, PUBLIC_COPY_FILES)
+        public_files(model_dir)  # refuse unprotectable modules before any work
+        return write_shielded(model_dir, out_dir, config, hf_config, seed, copy_public_files)
     targets, tied, arch = find_protected_tensors(hf_config)
+    public_files(model_dir)  # refuse unprotectable modules before any work
     state = _load_checkpoint(model_dir)
 
     public_state = dict(state)
@@ -263,9 +312,7 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
                                              "manifest": MANIFEST_FILE, "manifest_sha256": manifest_sha}
         (public_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
         (public_dir / MANIFEST_FILE).write_text(manifest_text)
-        for name in PUBLIC_COPY_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, public_dir / name)
+        copy_public_files(model_dir, public_dir)
 
         save_file(factors, str(secret_dir / SECRET_FACTORS_FILE))
         bundle = {

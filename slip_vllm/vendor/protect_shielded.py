@@ -66,6 +66,7 @@ FACTORS_FILE = "factors.safetensors"
 
 
 def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int, copy_files) -> Manifest:
+    """copy_files(model_dir, public_dir): carries the checkpoint's non-weight files into OUT/public."""
     """Steps 1-3 of the module docstring; ``config`` is the ``ProtectConfig``."""
     from secure_service.shielded_executor import ShieldedExecutor, split_checkpoint
 
@@ -125,9 +126,7 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
         public_config = {**raw_config, "architectures": [SHIELDED_ARCHITECTURE]}
         (public_dir / "config.json").write_text(json.dumps(public_config, indent=2) + "\n")
         (public_dir / MANIFEST_FILE).write_text(manifest_text)
-        for name in copy_files:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, public_dir / name)
+        copy_files(model_dir, public_dir)
 
         save_file(factors, str(secret_dir / FACTORS_FILE))
         save_file(secret, str(secret_dir / SHIELDED_FILE))

@@ -116,3 +116,60 @@ def test_public_residual_alone_disagrees_with_the_original(model_factory, family
     agreement = (predictions["original"] == predictions["public"]).float().mean().item()
     assert ids.shape[1] > 40
     assert agreement < 0.5, agreement
+
+
+def _add_extra_files(model_dir):
+    """Non-weight files a real checkpoint carries, and weights that must stay behind."""
+    extra = {
+        "chat_template.jinja": "{{ messages }}",
+        "README.md": "model card",
+        "1_Pooling/config.json": json.dumps({"word_embedding_dimension": 128, "pooling_mode_mean_tokens": True}),
+        "modules.json": json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                                    {"idx": 1, "name": "1", "path": "1_Pooling",
+                                     "type": "sentence_transformers.models.Pooling"}]),
+        "notes/extra.txt": "kept with its folder",
+    }
+    for rel, text in extra.items():
+        (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / rel).write_text(text)
+    torch.save({"w": torch.ones(2)}, model_dir / "pytorch_model.bin")              # a second copy of weights
+    (model_dir / "original").mkdir()
+    torch.save({"w": torch.ones(2)}, model_dir / "original" / "consolidated.00.pth")  # Llama-3's original/
+    (model_dir / ".git").mkdir()
+    (model_dir / ".git" / "HEAD").write_text("ref")
+    return extra
+
+
+@pytest.mark.parametrize("protocol", ["split", "shielded"])
+def test_the_public_artifact_carries_every_non_weight_file_and_no_weights(tmp_path, protocol):
+    from slip_vllm.core.decompose import RankPolicy
+    from slip_vllm.vendor.protect import ProtectConfig, protect
+
+    model = make_tiny_model("llama", tmp_path / "model", hidden=64, layers=1, heads=2, kv_heads=1)
+    extra = _add_extra_files(model)
+    protect(model, tmp_path / "out", ProtectConfig(protocol=protocol, default_rank=RankPolicy(absolute=4), seed=1),
+            progress=False)
+    public = tmp_path / "out" / "public"
+    for rel, text in extra.items():
+        assert (public / rel).read_text() == text, rel
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (model / name).exists():
+            assert (public / name).read_bytes() == (model / name).read_bytes()
+    carried = {p.relative_to(public).as_posix() for p in public.rglob("*") if p.is_file()}
+    assert not {"pytorch_model.bin", "original/consolidated.00.pth", ".git/HEAD"} & carried
+    weights = {c for c in carried if c.endswith((".safetensors", ".bin", ".pth"))}
+    assert weights == {"model.safetensors"}  # the public residual only
+
+
+def test_weights_of_a_sentence_transformers_module_are_refused(tmp_path):
+    from slip_vllm.vendor.protect import ProtectConfig, ProtectError, protect
+
+    model = make_tiny_model("bert", tmp_path / "model", hidden=64, layers=1, heads=2, kv_heads=2)
+    (model / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    (model / "2_Dense").mkdir()
+    torch.save({"linear.weight": torch.ones(4, 64)}, model / "2_Dense" / "pytorch_model.bin")
+    with pytest.raises(ProtectError, match="2_Dense"):
+        protect(model, tmp_path / "out", ProtectConfig(seed=1), progress=False)
+    assert not (tmp_path / "out" / "public").exists()
