@@ -4,12 +4,14 @@ What this module owns
 ---------------------
 * ``mount_http(app, plane, ...)``: the HTTP data-plane endpoints (``POST /v1/split/apply``,
   ``/v1/shielded/step``, ``/v1/shielded/gemm``, ``/v1/shielded/logits``) for a service that is not
-  colocated with vLLM: bearer token on every call, body size capped before it is read.
+  colocated with vLLM: bearer credential on every call (the service token, or with licences a
+  licence key, ``secure_service.licences``), body size capped before it is read.
 * ``ChannelServer``: the colocated data plane (``slip_vllm.core.channel``): one shared-memory
   channel per vLLM worker process, attached in two steps so that the control plane (FastAPI) stays
   the only place that checks credentials:
 
-  1. control plane, ``POST /v1/channel/attach`` (bearer token; JSON ``manifest_sha256`` must be the
+  1. control plane, ``POST /v1/channel/attach`` (bearer token, or with licences a licence key that
+     must be usable and have room for one more session; JSON ``manifest_sha256`` must be the
      bundle's, optional ``capacity``): the service answers a one-time ticket (valid
      ``TICKET_TTL_S``), the session id, the capacity and the path of its Unix socket (in a
      directory of mode 0700 made for this process);
@@ -45,6 +47,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from secure_service.data_plane import DataPlane, Rejected
+from secure_service.licences import hash_key
+from secure_service.metering import Refused
 from slip_vllm.core.channel import (
     ALIGN, W_REP_LEN, W_REP_OFF, W_REP_SEQ, W_REP_STATUS, W_REQ_EP, W_REQ_LEN, W_REQ_OFF, W_REQ_SEQ, Channel,
     ChannelClosed,
@@ -66,6 +70,14 @@ def bearer_ok(token: str, header: str) -> bool:
     if not token:
         return True
     return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+
+def credential_of(plane: DataPlane, header: str) -> Optional[str]:
+    """With licences: the SHA-256 of the bearer licence key (None without one); else None."""
+    if not plane.metering.licensed or not header.startswith("Bearer "):
+        return None
+    key = header[len("Bearer "):].strip()
+    return hash_key(key) if key else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,12 +104,14 @@ def mount_http(app: FastAPI, plane: DataPlane, *, token: str, max_body_bytes: in
 
     def route(endpoint: int):
         async def call(request: Request) -> Response:
+            header = request.headers.get("authorization", "")
             try:
-                if not bearer_ok(token, request.headers.get("authorization", "")):
+                if not bearer_ok(token, header):
                     raise Rejected(401, "missing or wrong bearer token")
+                credential = credential_of(plane, header)
                 body = await read_body(request)
             except Rejected as exc:  # refused before the data plane saw it
-                plane.stats.count_rejected()
+                plane.stats.count_rejected("http", exc.status)
                 return error_response(exc.status, exc.message)
             out: list[bytearray] = []
 
@@ -106,7 +120,7 @@ def mount_http(app: FastAPI, plane: DataPlane, *, token: str, max_body_bytes: in
                 return memoryview(out[-1])
 
             try:
-                n = await run_in_threadpool(plane.handle, endpoint, memoryview(body), sink)
+                n = await run_in_threadpool(plane.handle, endpoint, memoryview(body), sink, credential=credential)
             except Rejected as exc:  # counted by the data plane
                 return error_response(exc.status, exc.message)
             return Response(content=memoryview(out[-1])[:n], media_type=OCTET)
@@ -136,7 +150,8 @@ class ChannelServer:
         self._own_dir: Optional[str] = None
         self.path: Optional[str] = None
         self._listener: Optional[socket.socket] = None
-        self._tickets: dict[str, tuple[int, int, float]] = {}  # ticket -> (session, capacity, expiry)
+        self._tickets: dict[str, tuple[int, int, float, Optional[str]]] = {}  # ticket -> (session, capacity,
+        #                                                                     expiry, licence credential)
         self._channels: dict[int, Channel] = {}
         self._lock = threading.Lock()
         self._stop = False
@@ -190,10 +205,12 @@ class ChannelServer:
 
     # -- step 1: the control plane's attach ----------------------------------------------------
 
-    def attach(self, manifest_sha256: str, capacity: Optional[int], session: Optional[int] = None) -> dict:
+    def attach(self, manifest_sha256: str, capacity: Optional[int], session: Optional[int] = None,
+               credential: Optional[str] = None) -> dict:
         """session: a host re-attaching after its channel broke asks for its old session id again
         (it keeps its sequence numbers and, in shielded, its hold on the service); a live channel
-        of that session is then shut down when the new one is handed over."""
+        of that session is then shut down when the new one is handed over.  credential: the
+        SHA-256 of the licence key (with licences): the channel's calls are that licence's."""
         if self._listener is None:
             raise Rejected(503, "the colocated channel is not running on this service")
         if not isinstance(manifest_sha256, str) or not hmac.compare_digest(manifest_sha256, self.manifest_sha256):
@@ -211,12 +228,18 @@ class ChannelServer:
         with self._lock:
             if len(self._channels) >= self.max_channels:
                 raise Rejected(503, f"{self.max_channels} channels are attached already")
-            for t in [t for t, (_, _, exp) in self._tickets.items() if exp < now]:
+            for t in [t for t, entry in self._tickets.items() if entry[2] < now]:
                 del self._tickets[t]
             ticket = secrets.token_hex(TICKET_BYTES // 2)
             if session is None:
                 session = secrets.randbits(62) | 1
-            self._tickets[ticket] = (session, capacity, now + TICKET_TTL_S)
+        if self.plane.metering.licensed:  # usable, and room for this session (max_sessions)
+            try:
+                self.plane.metering.resolve(credential, session)
+            except Refused as exc:
+                raise Rejected(exc.status, exc.message) from None
+        with self._lock:
+            self._tickets[ticket] = (session, capacity, now + TICKET_TTL_S, credential)
         return {"socket": self.path, "ticket": ticket, "session": session, "capacity": capacity, "version": 1}
 
     # -- step 2: the Unix socket ---------------------------------------------------------------
@@ -246,7 +269,7 @@ class ChannelServer:
                 conn.sendall(b"NO unknown or expired ticket")
                 conn.close()
                 return
-            session, capacity, _ = entry
+            session, capacity, _, credential = entry
             fd = Channel.create_segment(capacity, session)
             try:
                 socket.send_fds(conn, [b"OK"], [fd])
@@ -268,9 +291,16 @@ class ChannelServer:
             except OSError:
                 pass
         log.info("channel %#x attached (%d bytes per direction)", ch.session, ch.capacity)
-        threading.Thread(target=self._serve, args=(ch,), name=f"slip-channel-{ch.session:x}", daemon=True).start()
+        account = None
+        if self.plane.metering.licensed:  # the channel holds its session against max_sessions
+            try:
+                account = self.plane.metering.resolve(credential, ch.session, pin=True)
+            except Refused:
+                account = None  # its calls are refused with the reason
+        threading.Thread(target=self._serve, args=(ch, credential, account), name=f"slip-channel-{ch.session:x}",
+                         daemon=True).start()
 
-    def _serve(self, ch: Channel) -> None:
+    def _serve(self, ch: Channel, credential: Optional[str] = None, account=None) -> None:
         plane = self.plane
         request_area, reply_area, capacity = ch.request_area, ch.reply_area, ch.capacity
         rep_off = (ALIGN - REPLY_HEADER_BYTES) % ALIGN  # split replies: payload on a 64-byte boundary
@@ -282,7 +312,7 @@ class ChannelServer:
 
         def error(status: int, message: str, counted: bool = False) -> tuple[int, int]:
             if not counted:  # refused by the channel itself, before the data plane saw it
-                plane.stats.count_rejected()
+                plane.stats.count_rejected("channel", status)
             body = json.dumps({"error": message}).encode()[:capacity - rep_off]
             reply_area[rep_off:rep_off + len(body)] = body
             return status, len(body)
@@ -303,7 +333,7 @@ class ChannelServer:
                 else:
                     try:
                         n = plane.handle(endpoint, request_area[offset:offset + length], sink, in_place=True,
-                                         session=ch.session)
+                                         session=ch.session, credential=credential)
                         status = 200
                     except Rejected as exc:
                         status, n = error(exc.status, exc.message, counted=True)
@@ -322,6 +352,8 @@ class ChannelServer:
             with self._lock:
                 if self._channels.get(ch.session) is ch:
                     del self._channels[ch.session]
+            if account is not None:
+                plane.metering.unpin(account, ch.session)
             ch.close()
             log.info("channel %#x detached", ch.session)
 
@@ -332,7 +364,8 @@ def attach_route(app: FastAPI, server: Optional[ChannelServer], token: str,
 
     @app.post("/v1/channel/attach")
     async def channel_attach(request: Request) -> Response:
-        if not bearer_ok(token, request.headers.get("authorization", "")):
+        header = request.headers.get("authorization", "")
+        if not bearer_ok(token, header):
             return reject(401, "missing or wrong bearer token")
         if server is None:
             return reject(404, "this service offers no colocated channel (started with the channel disabled)")
@@ -343,6 +376,7 @@ def attach_route(app: FastAPI, server: Optional[ChannelServer], token: str,
         except ValueError:
             return reject(400, "the attach body must be a JSON object")
         try:
-            return JSONResponse(server.attach(body.get("manifest_sha256"), body.get("capacity"), body.get("session")))
+            return JSONResponse(server.attach(body.get("manifest_sha256"), body.get("capacity"), body.get("session"),
+                                              credential=credential_of(server.plane, header)))
         except Rejected as exc:
             return reject(exc.status, exc.message)

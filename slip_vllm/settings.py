@@ -4,6 +4,14 @@ Nothing else in the project reads ``os.environ`` for SLIP settings: code asks ``
 Each entry has a type, a default and a one-line meaning; ``slip settings`` prints the table with the
 values in force. Values are read when ``settings()`` is first called in a process (vLLM spawns its
 workers, which inherit the environment), and ``settings(refresh=True)`` re-reads them.
+
+Every setting can also come from a YAML file (``configs/service.yaml``; ``slip secure-service
+--config FILE`` installs it with ``settings(refresh=True, yaml_file=FILE)``): its keys are the
+settings' names (the variable without ``SLIP_``, lower case; ``host``, ``port`` and ``threads`` are
+accepted for service_host, service_port and service_threads).  Precedence: command-line flags, then
+the environment, then the file, then the defaults.  Parsing and validation are pydantic-settings'
+(a model built from this table, with its YAML source); an unknown key or a bad value is an error
+that names it.
 """
 
 from __future__ import annotations
@@ -171,34 +179,113 @@ class Settings:
         default="INFO",
         metadata={"env": "SLIP_LOG_LEVEL", "help": "log level of the plugin and the service"},
     )
+    service_host: str = field(
+        default="127.0.0.1",
+        metadata={"env": "SLIP_SERVICE_HOST",
+                  "help": "service: bind address (a non-loopback address needs licences or a token, and TLS, "
+                          "unless SLIP_INSECURE)"},
+    )
+    service_port: int = field(
+        default=8400, metadata={"env": "SLIP_SERVICE_PORT", "help": "service: port"},
+    )
+    insecure: bool = field(
+        default=False,
+        metadata={"env": "SLIP_INSECURE",
+                  "help": "service: allow a non-loopback bind without credentials or TLS (never in production)"},
+    )
+    ssl_certfile: str = field(
+        default="", metadata={"env": "SLIP_SSL_CERTFILE", "help": "service: TLS certificate (PEM) given to uvicorn"},
+    )
+    ssl_keyfile: str = field(
+        default="", metadata={"env": "SLIP_SSL_KEYFILE", "help": "service: TLS private key (PEM) given to uvicorn"},
+    )
+    ssl_ca_certs: str = field(
+        default="",
+        metadata={"env": "SLIP_SSL_CA_CERTS",
+                  "help": "service: CA bundle; when set, clients must present a certificate it signed (mutual TLS)"},
+    )
+    licences_file: str = field(
+        default="",
+        metadata={"env": "SLIP_LICENCES_FILE",
+                  "help": "service: the licences file (slip license ...); empty: no licences (a bearer token at most)"},
+    )
+    licences_poll_s: float = field(
+        default=0.5,
+        metadata={"env": "SLIP_LICENCES_POLL_S",
+                  "help": "service: how often the licences file is checked for changes (revocations take effect "
+                          "within this plus one engine step)"},
+    )
+    licence_session_idle_s: float = field(
+        default=60.0,
+        metadata={"env": "SLIP_LICENCE_SESSION_IDLE_S",
+                  "help": "service: a licence's engine session counts against its max_sessions until it has been "
+                          "silent this long (an attached channel counts until it detaches)"},
+    )
+    usage_log: str = field(
+        default="",
+        metadata={"env": "SLIP_USAGE_LOG",
+                  "help": "service: append-only JSON-lines usage log (empty: LICENCES_FILE.usage.jsonl with licences, "
+                          "else none)"},
+    )
+    usage_key_file: str = field(
+        default="",
+        metadata={"env": "SLIP_USAGE_KEY_FILE",
+                  "help": "service: the vendor's HMAC key of the usage log (empty: LICENCES_FILE.key, made if missing)"},
+    )
+    usage_flush_s: float = field(
+        default=1.0,
+        metadata={"env": "SLIP_USAGE_FLUSH_S",
+                  "help": "service: usage not yet in the log is written (and the log fsynced) this often; calls "
+                          "that return logits are written before their reply"},
+    )
+    alarm_limit: int = field(
+        default=3,
+        metadata={"env": "SLIP_ALARM_LIMIT",
+                  "help": "service: this many integrity alarms of one licence within SLIP_ALARM_WINDOW_S lock it "
+                          "out (0: never; without licences alarms are only counted)"},
+    )
+    alarm_window_s: float = field(
+        default=60.0, metadata={"env": "SLIP_ALARM_WINDOW_S", "help": "service: window of the alarm limit, seconds"},
+    )
+    alarm_lockout_s: float = field(
+        default=3600.0,
+        metadata={"env": "SLIP_ALARM_LOCKOUT_S",
+                  "help": "service: how long a locked-out licence stays refused (kept across restarts in the usage log)"},
+    )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None, yaml_file: str | None = None) -> "Settings":
+        """The environment (or ``environ``) over the YAML file (if any) over the defaults."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f.metadata["env"])
             if raw is None:
                 continue
-            try:
-                if f.type in ("bool", bool):
-                    values[f.name] = _bool(raw)
-                elif f.type in ("int", int):
-                    values[f.name] = int(raw)
-                elif f.type in ("float", float):
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = raw
-            except ValueError as exc:
-                raise ValueError(f"bad value for {f.metadata['env']}: {exc}") from None
-        return cls(**values)
+            if f.type in ("bool", bool):
+                try:
+                    raw = _bool(raw)
+                except ValueError as exc:
+                    raise ValueError(f"bad value for {f.metadata['env']}: {exc}") from None
+            values[f.name] = raw
+        from pydantic import ValidationError
+
+        try:
+            model = _pydantic_model(yaml_file)(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err.get("loc") else "?"
+            env = {f.name: f.metadata["env"] for f in dataclasses.fields(cls)}.get(name)
+            where = f"{env} (or {name!r} in {yaml_file})" if env and yaml_file else (env or f"{name!r} in {yaml_file}")
+            raise ValueError(f"bad value for {where}: {err['msg']}") from None
+        return cls(**model.model_dump())
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, value in force, meaning) rows; secrets are masked."""
         rows = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "service_token" and value:
+            if f.name in ("service_token",) and value:
                 value = "***"
             rows.append((f.metadata["env"], str(value), f.metadata["help"]))
         return rows
@@ -214,11 +301,43 @@ class Settings:
         return self.mask_pool_concurrent_rows * self.mask_pool_steps
 
 
+_YAML_ALIASES = {"service_host": "host", "service_port": "port", "service_threads": "threads"}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _pydantic_model(yaml_file: str | None):
+    """A pydantic-settings model of the table above whose only sources are its keyword arguments
+    (the environment, read above) and the YAML file; unknown YAML keys are refused."""
+    from pydantic import AliasChoices, Field, create_model
+    from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+
+    fields = {}
+    for f in dataclasses.fields(Settings):
+        names = [f.name] + ([_YAML_ALIASES[f.name]] if f.name in _YAML_ALIASES else [])
+        fields[f.name] = (_TYPES[f.type] if isinstance(f.type, str) else f.type,
+                          Field(default=f.default, description=f.metadata["help"],
+                                validation_alias=AliasChoices(*names)))
+
+    class _Base(BaseSettings):
+        model_config = SettingsConfigDict(extra="forbid", yaml_file=yaml_file, populate_by_name=True)
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings):
+            return (init_settings,) + ((YamlConfigSettingsSource(settings_cls),) if yaml_file else ())
+
+    if yaml_file and not os.path.isfile(yaml_file):
+        raise ValueError(f"config file {yaml_file} does not exist")
+    return create_model("SlipSettings", __base__=_Base, **fields)
+
+
 _cached: Settings | None = None
 
 
-def settings(refresh: bool = False) -> Settings:
+def settings(refresh: bool = False, yaml_file: str | None = None) -> Settings:
+    """The settings in force; ``refresh`` re-reads them (with ``yaml_file``: the environment over
+    that YAML file)."""
     global _cached
     if _cached is None or refresh:
-        _cached = Settings.from_env()
+        _cached = Settings.from_env(yaml_file=yaml_file)
     return _cached

@@ -36,6 +36,20 @@ Engine side, wrapped around ``Scheduler.update_from_output`` by ``install_schedu
    the reset fails, the engine stops (``RuntimeError``): better no answers than answers from KV
    computed without the secret part.
 
+The reason reaches the client (``install_error_reason_hooks``, installed with the scheduler hook):
+
+7. the scheduler hook puts ``slip-error:STATUS:REASON`` (STATUS: the secure service's refusal
+   status found in the reason, e.g. 402 for "licence exhausted", else 500) into the ``stop_reason``
+   of the ``EngineCoreOutput`` it emits for each errored request; it travels with the output to
+   the API server's output processor, which keeps it on the finished ``CompletionOutput``;
+8. in the API-server process, ``RequestState._new_completion_output`` is wrapped: a finished output
+   with finish reason ``error`` and such a stop reason gets as finish reason an ``ErrorReason``,
+   a ``str`` equal to ``"error"`` that carries the status and the reason;
+9. ``GenerateBaseServing._raise_if_error`` (every OpenAI endpoint's check of a finished output)
+   is wrapped: for an ``ErrorReason`` it raises vLLM's ``GenerationError`` with that message and
+   status (402 / 403 for licence refusals, else 500) instead of the generic "Internal server
+   error".  Either wrapper missing leaves the generic error: a failure stays a failure.
+
 vLLM's scheduling must be synchronous for SLIP artifacts (one batch in flight: the plugin turns
 async scheduling off and refuses pipeline parallelism), so step k's report is read before step k+1
 is scheduled.  ``hooks_active`` lets a test assert that the classes vLLM really uses are wrapped.
@@ -44,12 +58,40 @@ is scheduled.  ``hooks_active`` lets a test assert that the classes vLLM really 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 
 REPORT_ATTR = "slip_report"
 _WRAPPED = "_slip_wrapped"
+ERROR_PREFIX = "slip-error:"
+# "secure service refused a call (402): ..." (split client) or "secure service answered 402: ..."
+_STATUS = re.compile(r"secure service (?:refused a call \(|answered )(4\d\d)\b")
+CLIENT_STATUS = {401: 403, 402: 402, 403: 403}  # what the OpenAI client sees for a service refusal
+
+
+def error_stop_reason(reason: str) -> str:
+    """The stop_reason of an errored request: ``slip-error:STATUS:REASON``."""
+    m = _STATUS.search(reason)
+    status = CLIENT_STATUS.get(int(m.group(1)), 500) if m else 500
+    return f"{ERROR_PREFIX}{status}:{reason[:1000]}"
+
+
+class ErrorReason(str):
+    """finish_reason "error" that carries the client-facing status and message (see 8.)."""
+
+    status: int = 500
+    message: str = ""
+
+    def __new__(cls, stop_reason: str):
+        obj = super().__new__(cls, "error")
+        _, status, reason = stop_reason.split(":", 2)
+        obj.status = int(status) if status.isdigit() else 500
+        m = _STATUS.search(reason)
+        detail = reason[m.end():].lstrip(": )") if m else reason
+        obj.message = f"SLIP: the secure service refused this request: {detail}" if m else f"SLIP: {reason}"
+        return obj
 
 
 @dataclass(frozen=True)
@@ -211,11 +253,51 @@ def install_scheduler_hook() -> None:
             if eco is None:
                 eco = outputs[request.client_index] = EngineCoreOutputs()
             eco.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
-                                                finish_reason=FinishReason.ERROR))
+                                                finish_reason=FinishReason.ERROR,
+                                                stop_reason=error_stop_reason(report.reason)))
         return outputs
 
     setattr(update_from_output, _WRAPPED, True)
     Scheduler.update_from_output = update_from_output
+    install_error_reason_hooks()
+
+
+def install_error_reason_hooks() -> None:
+    """Steps 8 and 9 of the module docstring (idempotent; in every process, used in the API server)."""
+    try:
+        from http import HTTPStatus
+
+        from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+        from vllm.exceptions import GenerationError
+        from vllm.v1.engine.output_processor import RequestState
+    except ImportError as exc:  # another vLLM layout: the generic error stays (still an error)
+        log.warning("SLIP: request errors will not carry their reason (%s)", exc)
+        return
+    if not getattr(RequestState._new_completion_output, _WRAPPED, False):
+        new_completion_output = RequestState._new_completion_output
+
+        def _new_completion_output(self, token_ids, finish_reason, stop_reason):
+            out = new_completion_output(self, token_ids, finish_reason, stop_reason)
+            if out.finish_reason == "error" and isinstance(out.stop_reason, str) \
+                    and out.stop_reason.startswith(ERROR_PREFIX):
+                out.finish_reason = ErrorReason(out.stop_reason)
+            return out
+
+        setattr(_new_completion_output, _WRAPPED, True)
+        RequestState._new_completion_output = _new_completion_output
+    if not getattr(GenerateBaseServing._raise_if_error, _WRAPPED, False):
+        raise_if_error = GenerateBaseServing._raise_if_error
+
+        def _raise_if_error(self, finish_reason, request_id):
+            if isinstance(finish_reason, ErrorReason):
+                log.error("SLIP: request %s failed: %s", request_id, finish_reason.message)
+                err = GenerationError(finish_reason.message)
+                err.status_code = HTTPStatus(finish_reason.status)
+                raise err
+            return raise_if_error(self, finish_reason, request_id)
+
+        setattr(_raise_if_error, _WRAPPED, True)
+        GenerateBaseServing._raise_if_error = _raise_if_error
 
 
 def hooks_active(scheduler_cls, worker_cls) -> dict[str, bool]:
