@@ -48,6 +48,7 @@ from slip_vllm.core.wire import (
 )
 
 MAX_SESSIONS = 4096
+METERED_SESSIONS = 256  # split sessions metered one by one in /v1/stats (most recent first out)
 Sink = Callable[[int], memoryview]  # nbytes -> writable space for the reply (valid until it is sent)
 
 
@@ -85,10 +86,28 @@ class Stats:
         # calls, rows, bytes, refusals and latency per endpoint live in the Prometheus registry
         # (``/metrics``); snapshot() sums them for /v1/stats
         self.metrics = ServiceMetrics()
+        # per split session (one per vLLM worker process: every rank of every engine has its own):
+        # [calls, rows, bytes_in, bytes_out], so engines sharing one service are metered apart
+        self.sessions: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+
+    def count_session(self, session: int, rows: int, bytes_in: int, bytes_out: int) -> None:
+        with self.lock:
+            meter = self.sessions.get(session)
+            if meter is None:
+                meter = self.sessions[session] = [0, 0, 0, 0]
+                while len(self.sessions) > METERED_SESSIONS:
+                    self.sessions.popitem(last=False)
+            meter[0] += 1
+            meter[1] += rows
+            meter[2] += bytes_in
+            meter[3] += bytes_out
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {**stats_snapshot(self.metrics)}
+            sessions = {f"{s:#x}": {"calls": c, "rows": r, "bytes_in": bi, "bytes_out": bo}
+                        for s, (c, r, bi, bo) in self.sessions.items()}
+            return {**stats_snapshot(self.metrics),
+                    "sessions": sessions}
 
     def count_rejected(self, endpoint="http", status: int = 0) -> None:
         self.metrics.count_rejected(endpoint, status)
@@ -197,6 +216,7 @@ class DataPlane:
         size = reply_size(dtype, rows, cols)
         out = reply_into(sink(size), dtype, rows, cols, self.instance)
         self.split.run(req, out)
+        self.stats.count_session(req.session, rows, len(body), size)
         return size, rows
 
     def _shielded(self, endpoint: int, body, sink: Sink, session, call, credential) -> int:

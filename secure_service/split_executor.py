@@ -9,10 +9,25 @@ The factors are kept, per combination of tensor ids, in the dtype the requests a
 model's compute dtype: float32, bfloat16 or float16), converted once on first use: no per-call
 conversion or allocation beyond the small [T, sum k] intermediate.  ``run`` writes into an output
 tensor the transport provides (the reply area of a shared-memory channel, or an HTTP body).
+
+Tensor parallelism (sliced ``SLQ2`` requests, ``slip_vllm.core.wire``): a vLLM rank holds a block
+of each weight, so it asks for segments ``L_i[row0:row1] (R_i[:, col0:col1] x)``.  A
+column-parallel rank (fused qkv with GQA-replicated kv heads, gate_up, the LM head's vocab shard)
+names its own output rows and all input columns; a row-parallel rank (o, down) all output rows and
+its input columns, and its reply is a partial sum that vLLM's all-reduce adds to the other ranks'
+(the secret partials sum to ``L R x`` exactly as the public ones sum to ``W_D x``); an embedding
+shard names its vocab rows and sends ids counted from row0.  The slices are copied out of the
+bundle once, the first time a combination of segments is asked for, and then cached with the
+whole-tensor plans: no call slices anything.  The cache is bounded in bytes (``PLAN_BUDGET_FACTOR``
+times the bundle's factors, least recently used evicted), so a host that asks for arbitrary
+ranges costs itself rebuilds, never the service unbounded memory.  A legitimate TP-t deployment
+needs about (t + 1) times the factors (each column-parallel rank keeps the whole right factor, each
+row-parallel rank the whole left factor); replicas of one TP size share the same slices.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import numpy as np
@@ -40,24 +55,47 @@ class RequestRejected(ValueError):
         self.status = status
 
 
+PLAN_BUDGET_FACTOR = 16  # cached plans may hold this many times the bundle's factor bytes
+
+
 class _Plan:
-    """The factors of one tensor-id combination in one dtype."""
+    """The factors of one tensor-id combination (optionally sliced) in one dtype.
 
-    __slots__ = ("right", "lefts", "widths", "ranks", "in_width")
+    ``right`` stacks each distinct (tensor, column range) once, so a tensor named by several
+    segments (a fused checkpoint tensor split into runs) costs one product ``x R^T``; ``segments``
+    maps each output block to its left slice and its columns of ``z = x right^T``."""
 
-    def __init__(self, parts: list[SecretTensor], dtype: torch.dtype):
-        self.right = torch.cat([p.right for p in parts], 0).to(dtype).contiguous()  # [sum k, n]
-        self.lefts = [p.left.to(dtype).contiguous() for p in parts]                # [m_i, k_i]
-        self.widths = [int(p.entry.shape[0]) for p in parts]
-        self.ranks = [int(p.entry.rank) for p in parts]
+    __slots__ = ("right", "lefts", "widths", "ranks", "z_offsets", "in_width", "nbytes")
+
+    def __init__(self, parts: list[SecretTensor], dtype: torch.dtype, ranges=None):
+        if ranges is None:
+            ranges = [(0, int(p.entry.shape[0]), 0, int(p.entry.shape[1])) for p in parts]
+        rights, z_of = [], {}
+        self.lefts, self.widths, self.ranks, self.z_offsets = [], [], [], []
+        k_total = 0
+        for p, (r0, r1, c0, c1) in zip(parts, ranges):
+            key = (int(p.entry.id), c0, c1)
+            if key not in z_of:
+                z_of[key] = k_total
+                rights.append(p.right[:, c0:c1])
+                k_total += int(p.entry.rank)
+            self.lefts.append(p.left[r0:r1].to(dtype).contiguous())  # [rows_i, k_i]
+            self.widths.append(r1 - r0)
+            self.ranks.append(int(p.entry.rank))
+            self.z_offsets.append(z_of[key])
+        self.right = torch.cat(rights, 0).to(dtype).contiguous()  # [sum k (distinct), cols]
         self.in_width = int(self.right.shape[1])
+        self.nbytes = (self.right.numel() + sum(l.numel() for l in self.lefts)) * self.right.element_size()
 
 
 class SplitExecutor:
     def __init__(self, bundle: Bundle):
         self.tensors: list[SecretTensor] = bundle.tensors
-        self._plans: dict[tuple[tuple[int, ...], torch.dtype], _Plan] = {}
-        self._embeds: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
+        self._plan_bytes = 0
+        self._plan_budget = PLAN_BUDGET_FACTOR * 4 * sum(
+            t.left.numel() + t.right.numel() for t in self.tensors if t.left is not None)
+        self._embeds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def _parts(self, ids: tuple[int, ...]) -> list[SecretTensor]:
@@ -68,28 +106,60 @@ class SplitExecutor:
             parts.append(self.tensors[i])
         return parts
 
-    def _plan(self, ids: tuple[int, ...], dtype: torch.dtype) -> _Plan:
-        plan = self._plans.get((ids, dtype))
-        if plan is not None:
-            return plan
+    @staticmethod
+    def _check_ranges(parts: list[SecretTensor], ranges) -> None:
+        """Each segment inside its tensor; every segment reads the same number of input columns."""
+        if ranges is None:
+            return
+        for p, (r0, r1, c0, c1) in zip(parts, ranges):
+            m, n = (int(v) for v in p.entry.shape)
+            if r1 > m or c1 > n:
+                raise RequestRejected(422, f"range rows [{r0}, {r1}) cols [{c0}, {c1}) lies outside tensor "
+                                           f"{p.entry.id} of shape {m} x {n}")
+        if len({c1 - c0 for _, _, c0, c1 in ranges}) != 1:
+            raise RequestRejected(422, "the segments of one request read different numbers of input columns")
+
+    def _plan(self, ids: tuple[int, ...], dtype: torch.dtype, ranges=None) -> _Plan:
+        key = (ids, ranges, dtype)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
         parts = self._parts(ids)
-        if len({p.entry.shape[1] for p in parts}) != 1:
+        if ranges is None and len(set(ids)) != len(ids):
+            raise RequestRejected(422, f"tensor ids {ids} repeat (only a sliced request may name one twice)")
+        if ranges is None and len({p.entry.shape[1] for p in parts}) != 1:
             raise RequestRejected(422, f"tensors {ids} do not share one input width")
         if any(is_embedding(p) for p in parts) and len(parts) > 1:
             raise RequestRejected(422, "an embedding is never fused with other tensors")
-        plan = _Plan(parts, dtype)
+        self._check_ranges(parts, ranges)
+        plan = _Plan(parts, dtype, ranges)
         with self._lock:
-            self._plans[(ids, dtype)] = plan
+            if key not in self._plans:
+                self._plans[key] = plan
+                self._plan_bytes += plan.nbytes
+            while self._plan_bytes > self._plan_budget and len(self._plans) > 1:
+                _, old = self._plans.popitem(last=False)
+                self._plan_bytes -= old.nbytes
         return plan
 
     def output_shape(self, req: Request) -> tuple[int, int]:
-        """(rows, cols) of the reply to ``req`` (checks the tensor ids)."""
+        """(rows, cols) of the reply to ``req`` (checks the tensor ids and ranges)."""
         if req.kind == KIND_EMBED:
             t = self._embed_tensor(req)
+            if req.ranges is not None:
+                self._check_ranges([t], req.ranges)
+                _, _, c0, c1 = req.ranges[0]
+                return int(req.payload.shape[0]), c1 - c0
             return int(req.payload.shape[0]), int(t.entry.shape[1])
         if req.kind != KIND_LINEAR:
             raise RequestRejected(400, f"unknown request kind {req.kind}")
-        return int(req.payload.shape[0]), sum(int(p.entry.shape[0]) for p in self._parts(req.tensor_ids))
+        parts = self._parts(req.tensor_ids)
+        if req.ranges is not None:
+            self._check_ranges(parts, req.ranges)
+            return int(req.payload.shape[0]), sum(r1 - r0 for r0, r1, _, _ in req.ranges)
+        return int(req.payload.shape[0]), sum(int(p.entry.shape[0]) for p in parts)
 
     def output_width(self, ids: tuple[int, ...]) -> int:
         return sum(self.tensors[i].entry.shape[0] for i in ids)
@@ -102,7 +172,7 @@ class SplitExecutor:
         if req.kind != KIND_LINEAR:
             raise RequestRejected(400, f"unknown request kind {req.kind}")
         x = req.payload
-        plan = self._plan(req.tensor_ids, x.dtype)
+        plan = self._plan(req.tensor_ids, x.dtype, req.ranges)
         if x.shape[1] != plan.in_width:
             raise RequestRejected(422, f"rows have {x.shape[1]} features; tensors {req.tensor_ids} take "
                                        f"{plan.in_width}")
@@ -114,10 +184,9 @@ class SplitExecutor:
         if len(plan.lefts) == 1:
             torch.mm(z, plan.lefts[0].t(), out=out)
             return out
-        k0 = c0 = 0
-        for left, k, m in zip(plan.lefts, plan.ranks, plan.widths):
+        c0 = 0
+        for left, k, m, k0 in zip(plan.lefts, plan.ranks, plan.widths, plan.z_offsets):
             out[:, c0:c0 + m] = torch.mm(z[:, k0:k0 + k], left.t())
-            k0 += k
             c0 += m
         return out
 
@@ -136,11 +205,29 @@ class SplitExecutor:
         t = self._embed_tensor(req)
         ids = req.payload.long()
         vocab = t.entry.shape[0]
+        left, right = t.left, t.right
+        if req.ranges is not None:  # a vocab shard: ids count from its first row
+            self._check_ranges([t], req.ranges)
+            left, right = self._embed_slice(t, req.ranges[0])
+            vocab = left.shape[0]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise RequestRejected(422, f"token ids must lie in [0, {vocab})")
         # embeddings answer in float32 (token ids carry no dtype): the host casts to its own
-        left, right = t.left, t.right
         if out is None:
             return left[ids] @ right
         torch.mm(left[ids], right, out=out)
         return out
+
+    def _embed_slice(self, t: SecretTensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vocab rows and output columns of one embedding shard (views of the bundle's
+        factors: no copy, so they need no budget)."""
+        key = (int(t.entry.id), tuple(rng))
+        got = self._embeds.get(key)
+        if got is None:
+            r0, r1, c0, c1 = rng
+            got = (t.left[r0:r1], t.right[:, c0:c1].contiguous())
+            with self._lock:
+                if len(self._embeds) >= 4 * len(self.tensors) + 64:
+                    self._embeds.clear()
+                self._embeds[key] = got
+        return got

@@ -16,11 +16,12 @@ def model_factory(tmp_path_factory):
     cache: dict = {}
     root = tmp_path_factory.mktemp("models")
 
-    def make(family: str, *, tie: bool = False, rank: int = 16, blind: bool = True, seed: int = 0):
-        key = (family, tie, rank, blind, seed)
+    def make(family: str, *, tie: bool = False, rank: int = 16, blind: bool = True, seed: int = 0,
+             kv_heads: int = 2):
+        key = (family, tie, rank, blind, seed, kv_heads)
         if key not in cache:
-            tag = f"{family}-tie{int(tie)}-r{rank}-b{int(blind)}-s{seed}"
-            original = make_tiny_model(family, root / tag / "original", tie=tie, seed=seed)
+            tag = f"{family}-tie{int(tie)}-r{rank}-b{int(blind)}-s{seed}" + (f"-kv{kv_heads}" if kv_heads != 2 else "")
+            original = make_tiny_model(family, root / tag / "original", tie=tie, seed=seed, kv_heads=kv_heads)
             from slip_vllm.core.decompose import RankPolicy
 
             cfg = ProtectConfig(default_rank=RankPolicy(absolute=rank), blinding=blind, seed=1000 + seed)

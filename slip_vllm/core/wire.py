@@ -18,6 +18,18 @@ Request frame (all integers little-endian)::
     ids     n_ids x u32  tensor ids from the manifest, in fused-row order
     payload rows*cols*itemsize bytes
 
+Sliced request frame (tensor parallelism: a vLLM rank holds a block of each weight), the same with
+magic ``b"SLQ2"`` and one range record per tensor id between the ids and the payload::
+
+    ranges  n_ids x (row0 u32, row1 u32, col0 u32, col1 u32)
+
+Segment i asks for ``L_i[row0:row1] (R_i[:, col0:col1] x)``: the rows of W_C,i that the rank holds
+(column-parallel layers, vocab shards of the LM head; for an embedding the vocab rows, the ids then
+counting from row0) times the input columns it holds (row-parallel layers: the rank's partial
+sum).  A tensor id may appear in several segments (a fused checkpoint tensor split per rank into
+non-adjacent runs).  Every segment reads the same input columns count (``cols``).  Frames without
+ranges keep the ``SLQ1`` layout, so a TP-1 engine sends exactly what it sent before.
+
 Reply frame::
 
     magic    4s   b"SLR2"
@@ -51,12 +63,14 @@ ENDPOINT_PATHS = {
 }
 
 REQUEST_MAGIC = b"SLQ1"
+SLICED_REQUEST_MAGIC = b"SLQ2"
 REPLY_MAGIC = b"SLR2"
 KIND_LINEAR = 1
 KIND_EMBED = 2
 MAX_IDS = 16
 
 _REQ_HEAD = struct.Struct("<4sBBHIIQQ")
+_RANGE = struct.Struct("<IIII")
 _REPLY_HEAD = struct.Struct("<4sB3xIIQ")
 _U64 = 2**64 - 1
 
@@ -92,6 +106,8 @@ class Request:
     session: int
     seq: int
     payload: torch.Tensor  # [rows, cols] float for KIND_LINEAR, [rows] int32 for KIND_EMBED
+    # one (row0, row1, col0, col1) per tensor id in a sliced (SLQ2) frame; None: whole tensors
+    ranges: tuple[tuple[int, int, int, int], ...] | None = None
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -130,13 +146,26 @@ def tensor_bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view(-1).view(torch.uint8)
 
 
+def _check_ranges(ranges, n_ids: int) -> tuple[tuple[int, int, int, int], ...]:
+    out = tuple(tuple(int(v) for v in r) for r in ranges)
+    if len(out) != n_ids or any(len(r) != 4 for r in out):
+        raise WireError(f"a sliced request has one (row0, row1, col0, col1) range per tensor id ({n_ids})")
+    for r0, r1, c0, c1 in out:
+        if not (0 <= r0 < r1 <= 0xFFFFFFFF and 0 <= c0 < c1 <= 0xFFFFFFFF):
+            raise WireError(f"empty or inverted range rows [{r0}, {r1}) cols [{c0}, {c1})")
+    return out
+
+
 def request_header(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: torch.Tensor,
-                   session: int, seq: int) -> tuple[bytes, torch.Tensor]:
-    """(header + tensor ids, payload as it travels) of a request frame; the frame is the two
-    concatenated (``encode_request``); a transport may write them separately, without joining."""
+                   session: int, seq: int, *, ranges=None) -> tuple[bytes, torch.Tensor]:
+    """(header + tensor ids [+ ranges], payload as it travels) of a request frame; the frame is the
+    two concatenated (``encode_request``); a transport may write them separately, without joining.
+    ranges: one (row0, row1, col0, col1) per tensor id makes a sliced (SLQ2) frame."""
     ids = tuple(int(i) for i in tensor_ids)
     if not 1 <= len(ids) <= MAX_IDS:
         raise WireError(f"a request names 1..{MAX_IDS} tensors, got {len(ids)}")
+    if ranges is not None:
+        ranges = _check_ranges(ranges, len(ids))
     if kind == KIND_LINEAR:
         if payload.dim() != 2:
             raise WireError("linear payload must be [rows, cols]")
@@ -146,14 +175,18 @@ def request_header(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: 
         rows, cols = payload.shape[0], 1
     else:
         raise WireError(f"unknown request kind {kind}")
-    head = _REQ_HEAD.pack(REQUEST_MAGIC, kind, dtype_code(payload.dtype), len(ids), rows, cols,
+    magic = REQUEST_MAGIC if ranges is None else SLICED_REQUEST_MAGIC
+    head = _REQ_HEAD.pack(magic, kind, dtype_code(payload.dtype), len(ids), rows, cols,
                           session & (2**64 - 1), seq)
-    return head + struct.pack(f"<{len(ids)}I", *ids), payload
+    head += struct.pack(f"<{len(ids)}I", *ids)
+    if ranges is not None:
+        head += b"".join(_RANGE.pack(*r) for r in ranges)
+    return head, payload
 
 
 def encode_request(kind: int, tensor_ids: tuple[int, ...] | list[int], payload: torch.Tensor,
-                   session: int, seq: int) -> bytes:
-    head, payload = request_header(kind, tensor_ids, payload, session, seq)
+                   session: int, seq: int, *, ranges=None) -> bytes:
+    head, payload = request_header(kind, tensor_ids, payload, session, seq, ranges=ranges)
     return head + _tensor_bytes(payload)
 
 
@@ -163,7 +196,7 @@ def decode_request(body: bytes | memoryview, *, copy: bool = True) -> Request:
     if len(view) < _REQ_HEAD.size:
         raise WireError(f"frame shorter than its {_REQ_HEAD.size}-byte header")
     magic, kind, code, n_ids, rows, cols, session, seq = _REQ_HEAD.unpack_from(view, 0)
-    if magic != REQUEST_MAGIC:
+    if magic not in (REQUEST_MAGIC, SLICED_REQUEST_MAGIC):
         raise WireError("bad magic: not a SLIP request frame")
     if kind not in (KIND_LINEAR, KIND_EMBED):
         raise WireError(f"unknown request kind {kind}")
@@ -183,6 +216,13 @@ def decode_request(body: bytes | memoryview, *, copy: bool = True) -> Request:
     if len(view) < ids_end:
         raise WireError("frame truncated inside its tensor-id list")
     ids = struct.unpack_from(f"<{n_ids}I", view, offset)
+    ranges = None
+    if magic == SLICED_REQUEST_MAGIC:
+        ranges_end = ids_end + _RANGE.size * n_ids
+        if len(view) < ranges_end:
+            raise WireError("frame truncated inside its range list")
+        ranges = _check_ranges([_RANGE.unpack_from(view, ids_end + _RANGE.size * i) for i in range(n_ids)], n_ids)
+        ids_end = ranges_end
     itemsize = dtype.itemsize
     expected = ids_end + rows * cols * itemsize
     if len(view) != expected:
@@ -190,7 +230,7 @@ def decode_request(body: bytes | memoryview, *, copy: bool = True) -> Request:
                         f"rows={rows} x cols={cols} x {itemsize}")
     shape = (rows,) if kind == KIND_EMBED else (rows, cols)
     payload = _tensor_from(view[ids_end:], dtype, shape, copy=copy)
-    return Request(kind=kind, tensor_ids=tuple(ids), session=session, seq=seq, payload=payload)
+    return Request(kind=kind, tensor_ids=tuple(ids), session=session, seq=seq, payload=payload, ranges=ranges)
 
 
 REPLY_HEADER_BYTES = _REPLY_HEAD.size

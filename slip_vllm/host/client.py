@@ -79,13 +79,16 @@ class ServiceClient:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def _send(self, kind: int, tensor_ids: tuple[int, ...], payload: torch.Tensor, timeout: float) -> None:
-        header, payload = request_header(kind, tensor_ids, payload, self.transport.session, next(self._seq))
+    def _send(self, kind: int, tensor_ids: tuple[int, ...], payload: torch.Tensor, timeout: float,
+              ranges=None) -> None:
+        header, payload = request_header(kind, tensor_ids, payload, self.transport.session, next(self._seq),
+                                         ranges=ranges)
         self.transport.send(EP_SPLIT_APPLY, header, payload, timeout)
         self.bytes_sent += len(header) + payload.numel() * payload.element_size()
 
     def submit(self, kind: int, tensor_ids: tuple[int, ...], payload: torch.Tensor, rows: int,
-               cols: int) -> Pending:
+               cols: int, *, ranges=None) -> Pending:
+        """ranges: this rank's block of each tensor (tensor parallelism), see ``core.wire``."""
         if time.monotonic() < self._open_until:
             raise ServiceUnavailable(f"secure service at {self.config.url} failed moments ago; skipping call")
         payload = payload.detach()
@@ -94,19 +97,19 @@ class ServiceClient:
         error = None
         timeout = self.config.timeout_s + rows * self.config.timeout_per_row_s
         try:
-            self._send(kind, tensor_ids, payload, timeout)
+            self._send(kind, tensor_ids, payload, timeout, ranges)
         except (TransportError, ServiceRefused) as exc:
             error = exc
-        return Pending(self, (kind, tensor_ids, payload, rows, cols, timeout, error))
+        return Pending(self, (kind, tensor_ids, payload, rows, cols, timeout, error, ranges))
 
-    def _finish(self, kind, tensor_ids, payload, rows, cols, timeout, error) -> torch.Tensor:
+    def _finish(self, kind, tensor_ids, payload, rows, cols, timeout, error, ranges=None) -> torch.Tensor:
         delay = self.config.backoff_s
         for attempt in range(self.config.retries + 1):
             if attempt:
                 time.sleep(delay)
                 delay *= 2
                 try:
-                    self._send(kind, tensor_ids, payload, timeout)
+                    self._send(kind, tensor_ids, payload, timeout, ranges)
                     error = None
                 except (TransportError, ServiceRefused) as exc:
                     error = exc

@@ -11,8 +11,13 @@ Steps (``vllm serve OUT/public --load-format slip``), protocol ``split``:
      layer's weight loader received (matched by tensor address) and with which shard id: this is
      how fused QKV / gate_up rows map to manifest tensors, for any architecture, without per-model
      name tables;
+     Before each real load the same (original) loader runs on index-encoding tensors into a
+     float32 scratch copy of the parameter (``probe_load``), which shows which checkpoint rows
+     and columns this rank holds (``core.sharding``): under tensor parallelism each layer then
+     asks the service for exactly its block (its output rows, or its input columns' partial sum);
   4. validate strictly: every protected tensor must land in a SLIP layer with the manifest's shape,
-     every fused layer must be covered entirely, and then each layer's plan is marked ready.
+     every fused layer must be covered entirely by whole rows from offset 0, and then each layer's
+     plan is marked ready.
 Protocol ``shielded`` (the model is ``host.shielded_model.SlipShieldedForCausalLM``): steps 1-2, the
 service must also agree on the KV-cache geometry and the prime; then the public int8 weights are
 read and checked against the manifest's hashes (``bind_shielded``); vLLM's own weight loading is
@@ -26,8 +31,10 @@ import logging
 import time
 
 import httpx
+import torch
 from vllm.model_executor.model_loader import DefaultModelLoader
 
+from slip_vllm.core import sharding
 from slip_vllm.core.channel import parse_service_url
 from slip_vllm.core.manifest import ManifestError, read_public_manifest
 from slip_vllm.host import client as client_mod
@@ -128,6 +135,14 @@ def bind_shielded(model, public_dir, url: str, manifest_sha256: str) -> None:
 
     cfg = settings()
     info = check_service(url, manifest_sha256, cfg.startup_wait_s, protocol="shielded")
+    if info.get("max_model_len") is not None:
+        from vllm.config import get_current_vllm_config
+
+        vllm_len = int(get_current_vllm_config().model_config.max_model_len)
+        if vllm_len > int(info["max_model_len"]):
+            raise SlipLoadError(f"vLLM may hold sequences of {vllm_len} tokens (--max-model-len) but the shielded "
+                                f"secure service refuses steps beyond {info['max_model_len']}: lower --max-model-len "
+                                f"or raise SLIP_SHIELDED_MAX_MODEL_LEN on the service")
     if info.get("engine_attached"):
         raise SlipLoadError(f"another vLLM engine holds the shielded secure service at {url} (its KV cache mirrors "
                             f"one engine): start one secure service per engine, or stop the other engine (the "
@@ -175,10 +190,41 @@ def _row_order(shard_id) -> int:
     raise SlipLoadError(f"unsupported shard id {shard_id!r} (tuple shard ids are not supported)")
 
 
+def probe_load(original, param, loaded_weight, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run vLLM's own loader for ``param`` on the row and the column index probes of
+    ``loaded_weight``'s shape, into a zeroed float32 scratch parameter, and read back which
+    checkpoint rows and columns land where on this rank (``core.sharding.read_probe``).  The
+    scratch lives only for the call (one layer's local block at a time); ``param`` is untouched."""
+    if loaded_weight.dim() != 2:
+        raise SlipLoadError(f"a protected weight must be a matrix, got shape {tuple(loaded_weight.shape)}")
+    saved = param.data
+    filled = []
+    try:
+        for dim in (0, 1):
+            probe = sharding.index_probe(tuple(loaded_weight.shape), dim)
+            for attempt in (probe, probe.contiguous()):  # a loader that wants real strides gets them
+                param.data = torch.zeros(saved.shape, dtype=torch.float32, device=saved.device)
+                try:
+                    original(param, attempt, *args, **kwargs)
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried once, then reported
+                    error = exc
+            else:
+                raise SlipLoadError(f"vLLM's weight loader refused the index probe: {error}")
+            filled.append(param.data.to("cpu"))
+    finally:
+        param.data = saved
+    try:
+        return sharding.read_probe(*filled)
+    except sharding.ShardingError as exc:
+        raise SlipLoadError(str(exc)) from None
+
+
 def finalize_plans(model, manifest) -> int:
-    """Turn the recorded (shard id, checkpoint name) pairs into tensor-id plans; returns how many
-    layers are protected."""
+    """Turn the recorded (shard id, checkpoint name, probe maps) loads into tensor-id plans (with
+    per-rank ranges under tensor parallelism); returns how many layers are protected."""
     by_name = manifest.by_name()
+    shapes = {e.id: tuple(int(v) for v in e.shape) for e in manifest.tensors}
     bound: dict[str, str] = {}
     protected_layers = 0
     slip_modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "slip_plan")]
@@ -190,30 +236,40 @@ def finalize_plans(model, manifest) -> int:
         plan: ops.LayerPlan = module.slip_plan
         tied = getattr(module, "slip_tied_module", None)
         source = tied.slip_plan if tied is not None else plan
-        entries = []
-        for shard_id, ckpt_name in sorted(source.loaded, key=lambda item: _row_order(item[0])):
-            entry = by_name[ckpt_name]
-            entries.append((shard_id, entry))
-            bound[ckpt_name] = name
-        orders = [_row_order(s) for s, _ in entries]
+        orders = [_row_order(s) for s, _, _ in source.loaded]
         if len(set(orders)) != len(orders):
-            raise SlipLoadError(f"layer {name} received the same shard twice: {source.loaded}")
-        if plan.kind == "linear":
-            widths = [e.shape[0] for _, e in entries]
-            if entries and sum(widths) != plan.local_width:
-                raise SlipLoadError(f"layer {name}: protected rows {widths} do not cover its {plan.local_width} "
-                                    f"outputs (partly protected fused layers are not supported)")
-        plan.tensor_ids = tuple(e.id for _, e in entries)
-        plan.secret_width = sum(e.shape[0] for _, e in entries)
-        if plan.kind == "embedding" and entries:
-            plan.secret_width = entries[0][1].shape[1]
+            raise SlipLoadError(f"layer {name} received the same shard twice: {[n for _, n, _ in source.loaded]}")
+        segments, in_width, rows_held = [], 0, 0
+        for shard_id, ckpt_name, (row_map, col_map) in source.loaded:
+            entry = by_name[ckpt_name]
+            bound[ckpt_name] = name
+            try:
+                segments += sharding.segments_for_load(entry.id, row_map, col_map)
+            except sharding.ShardingError as exc:
+                raise SlipLoadError(f"layer {name}: {exc}") from None
+            in_width, rows_held = len(col_map), len(row_map)
+        ids, ranges, covered = (), None, 0
+        if segments:
+            vocab = plan.kind == "embedding" or getattr(module, "slip_logits_plan", None) is not None
+            out_width = rows_held if plan.kind == "embedding" else plan.local_width
+            try:
+                ids, ranges, covered = sharding.layer_segments(segments, out_width, in_width, shapes,
+                                                               padding_ok=vocab)
+            except sharding.ShardingError as exc:
+                raise SlipLoadError(f"layer {name}: {exc}") from None
+            if vocab and len(ids) != 1:
+                raise SlipLoadError(f"layer {name}: a vocab shard must be one run of embedding rows")
+        plan.tensor_ids, plan.ranges = ids, ranges
+        plan.secret_width = covered
+        if plan.kind == "embedding" and segments:
+            plan.secret_width = in_width
         plan.ready = True
         logits_plan = getattr(module, "slip_logits_plan", None)
         if logits_plan is not None:
-            logits_plan.tensor_ids = plan.tensor_ids
-            logits_plan.secret_width = entries[0][1].shape[0] if entries else 0
+            logits_plan.tensor_ids, logits_plan.ranges = ids, ranges
+            logits_plan.secret_width = covered
             logits_plan.ready = True
-        protected_layers += bool(entries)
+        protected_layers += bool(segments)
     missing = [t.name for t in manifest.tensors if t.name not in bound]
     if missing:
         # vLLM drops some checkpoint tensors it does not use (e.g. BERT's pooler for embeddings);
@@ -283,8 +339,11 @@ class SlipModelLoader(DefaultModelLoader):
                     want = entry.shape if entry.orientation == "out_in" else entry.shape[::-1]
                     if got not in (tuple(want), tuple(want[::-1])):
                         raise SlipLoadError(f"{name}: public tensor has shape {got}, manifest says {want}")
+                    if got != tuple(entry.shape):
+                        raise SlipLoadError(f"{name} reaches vLLM's loader as {got}, not as [out, in] = "
+                                            f"{tuple(entry.shape)}; this architecture is not supported")
                     shard = args[0] if args else kwargs.get("loaded_shard_id", kwargs.get("shard_id"))
-                    plan.loaded.append((shard, name))
+                    plan.loaded.append((shard, name, probe_load(original, param, loaded_weight, args, kwargs)))
                 return original(param, loaded_weight, *args, **kwargs)
 
             return weight_loader

@@ -11,6 +11,15 @@ in plain eager Python:
   3. wait for the secret term and add it in place to the public output (only the first
      ``secret_width`` columns: the LM head's output is padded to a multiple of 64 by vLLM).
 
+Under tensor parallelism each rank runs the same op on its own block (``LayerPlan.ranges``): a
+column-parallel layer adds its own rows of ``W_C x``; a row-parallel layer adds ``L (R_r x_r)`` to
+its partial output before vLLM's all-reduce (vLLM adds the bias on rank 0 only; the secret
+partials, like the public ones, sum to the whole); a vocab-parallel embedding rank receives ids
+already shifted into its shard (out-of-shard ids are 0 there) and asks for ``L[start + id] R`` of
+its own vocab rows: vLLM zeroes the out-of-shard rows after the op and all-reduces, so every token
+gets exactly its owner's secret row.  (One rank cannot supply the whole embedding term: inside the
+op it only sees ids already masked to its shard.)
+
 One call per protected layer per engine step, for every token of the mixed prefill/decode batch.
 If the secret term cannot be had (service down, hung, refusing), the op does not raise (that would
 kill vLLM's engine): it records the failure for the running step (``host.failure``), whose requests
@@ -43,9 +52,12 @@ class LayerPlan:
     public: Callable                            # the unprotected computation of vLLM
     dtype: torch.dtype = torch.float32          # output dtype (the model's)
     tensor_ids: tuple[int, ...] = ()            # manifest ids, in fused-row order
+    # under tensor parallelism: this rank's (row0, row1, col0, col1) of each tensor id (a sliced
+    # request, ``core.sharding``); None: whole tensors
+    ranges: tuple[tuple[int, int, int, int], ...] | None = None
     secret_width: int = 0                       # columns the service returns
-    # (shard id, checkpoint name) pairs recorded while vLLM loaded the weights
-    loaded: list[tuple[object, str]] = field(default_factory=list)
+    # (shard id, checkpoint name, (row map, col map)) recorded while vLLM loaded the weights
+    loaded: list[tuple[object, str, tuple]] = field(default_factory=list)
     ready: bool = False
 
 
@@ -83,7 +95,7 @@ def _submit(plan: LayerPlan, kind: int, payload: torch.Tensor, rows: int):
     if step_failed():
         return _SKIPPED  # the step's requests fail anyway: a dead service costs one timeout per step
     try:
-        return get_client().submit(kind, plan.tensor_ids, payload, rows, plan.secret_width)
+        return get_client().submit(kind, plan.tensor_ids, payload, rows, plan.secret_width, ranges=plan.ranges)
     except ServiceUnavailable as exc:
         return exc
 

@@ -8,7 +8,7 @@ Registers, once per process:
     an error); the worker end is installed by the slip loader, in the processes that load a model,
   * the ``SlipShieldedForCausalLM`` architecture (lazily, by name) that serves shielded artifacts,
   * engine-argument fixes: synchronous scheduling for SLIP artifacts (pipeline parallelism and
-    --async-scheduling refused), so a failed step is known before the next one; on GPU platforms, eager mode for SLIP artifacts (a captured CUDA graph
+    --async-scheduling refused; shielded artifacts refused with --tensor-parallel-size > 1), so a failed step is known before the next one; on GPU platforms, eager mode for SLIP artifacts (a captured CUDA graph
     would replay decode steps without calling the secure service); for shielded artifacts also the
     KV-cache geometry the secure service mirrors (block size, number of blocks from the
     SLIP_SHIELDED_* settings, refused if the command line asks for something else) and eager mode.
@@ -21,6 +21,10 @@ import logging
 
 log = logging.getLogger("vllm.slip")  # under "vllm" so vLLM's log handlers format it
 _REGISTERED = False
+SHIELDED_TP_REFUSAL = ("SLIP shielded artifacts are served with --tensor-parallel-size 1 only (asked for {tp}): the "
+                       "secure service runs the shielded model's glue and KV cache for one engine rank; use protocol "
+                       "split for tensor parallelism, or one shielded engine (and service) per GPU "
+                       "(README, Deployment)")
 
 
 def _artifact_protocol(model: str) -> str | None:
@@ -73,6 +77,8 @@ def _fix_engine_args() -> None:
                 raise ValueError("SLIP serving does not support pipeline parallelism (--pipeline-parallel-size); "
                                  "use tensor parallelism")
             self.async_scheduling = False  # None would let vLLM turn it on (its default on GPUs)
+            if _artifact_protocol(self.model) == "shielded" and int(self.tensor_parallel_size or 1) > 1:
+                raise ValueError(SHIELDED_TP_REFUSAL.format(tp=self.tensor_parallel_size))
             if _artifact_protocol(self.model) == "shielded":
                 _pin_shielded_cache(self)
             if not current_platform.is_cpu() and not self.enforce_eager:

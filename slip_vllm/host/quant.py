@@ -9,7 +9,10 @@ post-processing for the public residual (on CPU it is repacked and ``layer.weigh
 so the public part is always computed through the parent method), and add the secret term through
 the custom ops of ``slip_vllm.host.ops``.
 
-Unsupported cases fail loudly at model construction: tensor parallelism > 1 and MoE experts.
+Tensor parallelism: every rank's layer is bound to its own block of the secret (see
+``host.ops`` and ``core.sharding``); vLLM's CUDA fused vocab-parallel embedding kernel, which would
+bypass the method's ``embedding``, is switched off for SLIP embeddings.  Unsupported cases fail
+loudly at model construction: MoE experts (and shielded artifacts, which never reach these layers).
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class SlipEmbeddingMethod(UnquantizedEmbeddingMethod):
                        output_size, params_dtype, **extra_weight_attrs):
         super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
                                output_size, params_dtype, **extra_weight_attrs)
+        # vLLM (CUDA, TP > 1) would look a shard up with its fused kernel, never calling embedding()
+        layer.use_fused_embedding = False
         self.bind(layer, input_size_per_partition, sum(output_partition_sizes), params_dtype)
 
     @classmethod
@@ -77,6 +82,7 @@ class SlipEmbeddingMethod(UnquantizedEmbeddingMethod):
         method = cls(prefix)
         method.bind(layer, layer.weight.shape[1], layer.weight.shape[0], layer.weight.dtype)
         layer.quant_method = method
+        layer.use_fused_embedding = False
 
     def bind(self, layer, embedding_dim: int, rows: int, dtype: torch.dtype) -> None:
         parent = super()
@@ -145,10 +151,6 @@ class SlipConfig(QuantizationConfig):
             raise ValueError(f"a shielded SLIP artifact is served by the SlipShieldedForCausalLM architecture "
                              f"(config.json 'architectures'), not by vLLM's own layers (layer {prefix}); "
                              f"re-run `slip protect --protocol shielded`")
-        tp_size = getattr(layer, "tp_size", 1)
-        if tp_size != 1:
-            raise NotImplementedError(f"SLIP serving supports tensor_parallel_size=1 only "
-                                      f"(layer {prefix} is split over {tp_size} ranks)")
         if isinstance(layer, LinearBase):
             return SlipLinearMethod(prefix)
         if isinstance(layer, VocabParallelEmbedding):

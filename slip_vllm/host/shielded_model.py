@@ -67,6 +67,11 @@ class SlipShieldedForCausalLM(nn.Module):
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
 
+        from slip_vllm.host.plugin import SHIELDED_TP_REFUSAL
+
+        tp = int(vllm_config.parallel_config.tensor_parallel_size)
+        if tp > 1:  # also refused with the engine arguments; this catches a config built another way
+            raise ValueError(SHIELDED_TP_REFUSAL.format(tp=tp))
         config = vllm_config.model_config.hf_config
         self.vocab_size = int(config.vocab_size)
         self.cache_block_size = int(vllm_config.cache_config.block_size)

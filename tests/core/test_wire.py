@@ -55,3 +55,28 @@ def test_service_identity_travels_in_every_reply_and_step_frame():
     msg = wire.decode_shielded_message(wire.encode_shielded_message(
         wire.MSG_READY, 5, 2, "", torch.tensor([[4]]), instance=11, epoch=12))
     assert (msg.instance, msg.epoch, msg.step, msg.call) == (11, 12, 5, 2)
+
+
+def test_sliced_request_round_trip_layout_and_refusals():
+    """Tensor parallelism: a rank's block of each tensor travels as (row0, row1, col0, col1) per id
+    in an SLQ2 frame; frames without ranges keep the SLQ1 layout."""
+    x = torch.randn(3, 4)
+    ranges = ((0, 8, 4, 8), (2, 3, 4, 8), (0, 8, 4, 8))
+    body = wire.encode_request(wire.KIND_LINEAR, (1, 2, 1), x, session=5, seq=6, ranges=ranges)
+    assert body[:4] == b"SLQ2"
+    assert len(body) == 32 + 3 * 4 + 3 * 16 + x.numel() * 4
+    req = wire.decode_request(body)
+    assert req.tensor_ids == (1, 2, 1) and req.ranges == ranges and torch.equal(req.payload, x)
+    assert wire.decode_request(wire.encode_request(wire.KIND_LINEAR, (1,), x, 5, 6)).ranges is None
+    head = body[:32 + 12]
+    bad = [
+        body[:32 + 12 + 8],                                              # truncated inside the ranges
+        head + (5).to_bytes(4, "little") * 2 + body[32 + 12 + 8:],       # empty row range [5, 5)
+        head + b"".join(v.to_bytes(4, "little") for v in (0, 8, 6, 2)) + body[32 + 12 + 16:],  # inverted cols
+    ]
+    for frame in bad:
+        with pytest.raises(wire.WireError):
+            wire.decode_request(frame)
+    for wrong in [((0, 1, 0, 1),), ((0, 1, 0),) * 3]:
+        with pytest.raises(wire.WireError):
+            wire.encode_request(wire.KIND_LINEAR, (1, 2, 1), x, 5, 6, ranges=wrong)
