@@ -67,7 +67,8 @@ def test_health_and_info_reveal_no_secrets(service, artifact, manifest):
     assert info["public_manifest_sha256"] == bundle["public_manifest_sha256"]
     assert info["protocol"] == "split"
     assert set(info) == {"protocol", "architecture", "model_type", "public_manifest_sha256", "tensors",
-                         "secret_parameters", "data_planes", "instance", "max_step_tokens", "max_body_bytes"}
+                         "secret_parameters", "data_planes", "instance", "max_step_tokens", "max_body_bytes", "licences"}
+    assert info["licences"] is False  # no licences file: the loopback service of before
     assert info["data_planes"] == ["http", "shm"]
     # a service process's instance id is in every data-plane reply: a restart is seen in the next one
     tid = {t["name"]: t["id"] for t in manifest["tensors"]}["model.layers.1.self_attn.o_proj.weight"]
