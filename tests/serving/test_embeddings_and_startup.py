@@ -35,6 +35,63 @@ def test_bert_embeddings_match_stock(model_factory, log_dir):
         stack.stop()
 
 
+def _sentence_transformers_layout(model_dir, width: int) -> None:
+    """The files sentence-transformers writes next to the encoder: mean pooling, then L2 norm."""
+    files = {
+        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                         {"idx": 2, "name": "2", "path": "2_Normalize",
+                          "type": "sentence_transformers.models.Normalize"}],
+        "1_Pooling/config.json": {"word_embedding_dimension": width, "pooling_mode_cls_token": False,
+                                  "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+                                  "pooling_mode_mean_sqrt_len_tokens": False},
+        "sentence_bert_config.json": {"max_seq_length": 512, "do_lower_case": False},
+        "config_sentence_transformers.json": {"__version__": {"sentence_transformers": "3.0.1"},
+                                              "similarity_fn_name": "cosine"},
+    }
+    for rel, content in files.items():
+        (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / rel).write_text(json.dumps(content))
+    (model_dir / "2_Normalize").mkdir(exist_ok=True)
+
+
+def test_sentence_transformers_checkpoint_keeps_its_pooling(tmp_path, log_dir):
+    """A sentence-transformers layout (mean pooling + normalisation, in modules.json and 1_Pooling/):
+    OUT/public carries those files, so protected vLLM pools like stock vLLM (before, it fell back to
+    CLS pooling without normalisation: cosine 0.52)."""
+    from slip_vllm.core.decompose import RankPolicy
+    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.vendor.tiny_models import make_tiny_model
+
+    original = make_tiny_model("bert", tmp_path / "st-bert", hidden=128, layers=2, heads=4, kv_heads=4, seed=3)
+    _sentence_transformers_layout(original, 128)
+    protect(original, tmp_path / "out", ProtectConfig(default_rank=RankPolicy(absolute=16), seed=7), progress=False)
+    public = tmp_path / "out" / "public"
+    assert json.loads((public / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+    service = secure_service(tmp_path / "out" / "secret", log_dir, name="st-bert-service").start().wait_ready(60)
+    args = ["--enforce-eager", "--runner", "pooling"]
+    slip = vllm_server(public, log_dir, "st-bert-slip", slip=True, service_url=service.url, extra_args=args).start()
+    stock = vllm_server(original, log_dir, "st-bert-stock", slip=False, extra_args=args).start()
+    try:
+        for server in (slip, stock):
+            server.wait_ready(600)
+
+        def embed(server):
+            r = httpx.post(server.url + "/v1/embeddings", json={"model": "m", "input": TEXTS}, timeout=120)
+            assert r.status_code == 200, r.text
+            return torch.tensor([d["embedding"] for d in r.json()["data"]], dtype=torch.float64)
+
+        got, want = embed(slip), embed(stock)
+        cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+        assert cosine.min().item() >= 0.9999, cosine
+        # both normalised: the Normalize module of modules.json was read on both sides
+        assert torch.allclose(got.norm(dim=-1), torch.ones(len(TEXTS), dtype=torch.float64), atol=1e-4)
+        assert torch.allclose(want.norm(dim=-1), torch.ones(len(TEXTS), dtype=torch.float64), atol=1e-4)
+    finally:
+        for server in (slip, stock, service):
+            server.stop()
+
+
 def test_start_fails_clearly_without_a_service(model_factory, log_dir):
     _, protected = model_factory("llama", tie=False)
     server = vllm_server(protected / "public", log_dir, "no-service", slip=True,
