@@ -259,7 +259,16 @@ def install_scheduler_hook() -> None:
 
     setattr(update_from_output, _WRAPPED, True)
     Scheduler.update_from_output = update_from_output
-    install_error_reason_hooks()
+    if _in_api_server():
+        install_error_reason_hooks()
+
+
+def _in_api_server() -> bool:
+    """The OpenAI server's modules are loaded (``vllm serve`` imports them before the plugins): only
+    there do the error-reason hooks matter; engine and worker processes skip their ~1 s import."""
+    import sys
+
+    return any(name.startswith(("vllm.entrypoints.launchers", "vllm.entrypoints.openai")) for name in sys.modules)
 
 
 def install_error_reason_hooks() -> None:
