@@ -197,6 +197,8 @@ def probe_load(original, param, loaded_weight, args, kwargs) -> tuple[torch.Tens
     scratch lives only for the call (one layer's local block at a time); ``param`` is untouched."""
     if loaded_weight.dim() != 2:
         raise SlipLoadError(f"a protected weight must be a matrix, got shape {tuple(loaded_weight.shape)}")
+    while hasattr(original, "slip_original"):  # a tied LM head shares (and re-wraps) the embedding's param
+        original = original.slip_original
     saved = param.data
     filled = []
     try:
@@ -346,6 +348,7 @@ class SlipModelLoader(DefaultModelLoader):
                     plan.loaded.append((shard, name, probe_load(original, param, loaded_weight, args, kwargs)))
                 return original(param, loaded_weight, *args, **kwargs)
 
+            weight_loader.slip_original = original
             return weight_loader
 
         for module_name, module in model.named_modules():
