@@ -439,7 +439,7 @@ def test_info_reveals_no_secrets_and_the_split_plane_is_closed(artifacts, servic
                          "secret_parameters", "p", "masked_gemms_per_step", "kv_blocks", "block_size",
                          "steps_in_flight_max", "data_planes", "max_model_len", "step_timeout_s",
                          "step_timeout_per_row_s", "max_step_tokens", "max_body_bytes", "instance", "kv_epoch",
-                         "engine_attached", "owner_lease_s"}
+                         "engine_attached", "owner_lease_s", "licences"}
     r = httpx.post(service.url + "/v1/split/apply", content=b"x" * 64)
     assert r.status_code == 403
 
