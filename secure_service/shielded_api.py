@@ -297,14 +297,7 @@ class ShieldedService:
     # -- the three calls -------------------------------------------------------------------------
 
     def start_step(self, frame: ShieldedStep) -> bytes:
-        check_step(frame, self.limits)  # metadata bound and capped before anything is touched
-        n = int(frame.input_ids.shape[0])
-        if n > self.executor.cache.num_slots or int(frame.seq_lens.shape[0]) > n:
-            raise StepRejected(422, f"a step holds 1..{self.executor.cache.num_slots} tokens (the KV cache's "
-                                    f"slots) and at most one sequence per token")
-        li = frame.logits_indices
-        if li is not None and (int(li.min()) < 0 or int(li.max()) >= n):
-            raise StepRejected(422, f"logits_indices must lie in [0, {n})")
+        check_step(frame, self.limits)  # metadata bound and capped (slots, sequences, logits rows) first
         ex = self.executor
         batch = (frame.input_ids, frame.positions, frame.slot_mapping, frame.query_start_loc, frame.seq_lens,
                  frame.block_tables)
