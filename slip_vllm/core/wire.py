@@ -373,20 +373,43 @@ class ShieldedMessage:
     epoch: int = 0         # the same for the KV epoch
 
 
-def _i64(t) -> torch.Tensor:
-    return torch.as_tensor(t).to(torch.int64).reshape(-1)
+def _host_int64(arrays: list) -> list:
+    """The arrays as flat CPU int64 tensors.  Those on an accelerator (vLLM keeps its step metadata
+    on the GPU) are concatenated there and copied to the host in one transfer: one pinned buffer,
+    one non-blocking copy and one wait for it, instead of a synchronising copy per array."""
+    on_dev = [i for i, a in enumerate(arrays) if a.device.type != "cpu"]
+    out = [a.reshape(-1).to(torch.int64) if a.device.type == "cpu" else a for a in arrays]
+    if not on_dev:
+        return out
+    devices = {arrays[i].device for i in on_dev}
+    if len(devices) > 1:
+        raise WireError(f"step metadata on several devices: {sorted(str(d) for d in devices)}")
+    flat = torch.cat([arrays[i].reshape(-1).to(torch.int64) for i in on_dev])
+    if flat.is_cuda:
+        host = torch.empty(flat.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(flat.device))
+        done.synchronize()
+    else:
+        host = flat.to("cpu")
+    for i, part in zip(on_dev, host.split([arrays[i].numel() for i in on_dev])):
+        out[i] = part
+    return out
 
 
 def encode_shielded_step(session: int, seq: int, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
                          block_tables, logits_indices=None, *, defer_logits: bool = False, instance: int = 0,
                          epoch: int = 0) -> bytes:
-    bt = torch.as_tensor(block_tables).to(torch.int64)
+    """The step frame; the arrays may be tensors on any one device (or lists), of any integer dtype."""
+    bt = torch.as_tensor(block_tables)
     if bt.dim() != 2:
         raise WireError("block_tables must be [S, B]")
     if defer_logits and logits_indices is not None:
         raise WireError("a deferred step carries no logits_indices")
-    arrays = [_i64(input_ids), _i64(positions), _i64(slot_mapping), _i64(query_start_loc), _i64(seq_lens),
-              bt.reshape(-1), _i64(logits_indices) if logits_indices is not None else torch.empty(0, dtype=torch.int64)]
+    li = torch.as_tensor(logits_indices) if logits_indices is not None else torch.empty(0, dtype=torch.int64)
+    arrays = _host_int64([torch.as_tensor(input_ids), torch.as_tensor(positions), torch.as_tensor(slot_mapping),
+                          torch.as_tensor(query_start_loc), torch.as_tensor(seq_lens), bt, li])
     n, s, r = arrays[0].numel(), arrays[4].numel(), arrays[6].numel()
     head = _STEP_HEAD.pack(STEP_MAGIC, n, s, int(bt.shape[1]), DEFER_LOGITS if defer_logits else r,
                            session & _U64, seq & _U64, instance & _U64, epoch & _U64)
@@ -420,8 +443,13 @@ def decode_shielded_step(body: bytes | memoryview) -> ShieldedStep:
     return ShieldedStep(session=session, seq=seq, defer_logits=defer, instance=instance, epoch=epoch, **out)
 
 
-def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: torch.Tensor, *,
-                            instance: int = 0, epoch: int = 0) -> bytes:
+def shielded_message_header(kind: int, step: int, call: int, key: str, payload: torch.Tensor, *,
+                            instance: int = 0, epoch: int = 0) -> tuple[bytes, torch.Tensor]:
+    """(header + key, payload as it travels) of a message frame; the frame is the two concatenated
+    (``encode_shielded_message``).  A transport may write them separately, without joining them
+    (the host writes its y~ from the buffer its device copied it into).  ``payload`` must be a CPU
+    tensor on a little-endian machine (its bytes are the wire's); elsewhere use
+    ``encode_shielded_message``."""
     if kind not in _MSG_KIND_DTYPE:
         raise WireError(f"unknown message kind {kind}")
     dtype = _MSG_DTYPES[_MSG_KIND_DTYPE[kind]]
@@ -433,11 +461,21 @@ def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: 
     rows, cols = payload.shape
     head = _MSG_HEAD.pack(MSG_MAGIC, kind, _MSG_KIND_DTYPE[kind], len(raw_key), call, step & _U64, rows, cols,
                           instance & _U64, epoch & _U64)
+    return head + raw_key, payload
+
+
+def encode_shielded_message(kind: int, step: int, call: int, key: str, payload: torch.Tensor, *,
+                            instance: int = 0, epoch: int = 0) -> bytes:
+    head, payload = shielded_message_header(kind, step, call, key, payload, instance=instance, epoch=epoch)
     data = payload.detach().cpu().contiguous().numpy()
-    return head + raw_key + data.astype(data.dtype.newbyteorder("<")).tobytes()
+    return head + data.astype(data.dtype.newbyteorder("<")).tobytes()
 
 
-def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = None) -> ShieldedMessage:
+def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = None, *,
+                            into=None) -> ShieldedMessage:
+    """into: optional ``into(kind, rows, cols, dtype)`` giving the CPU tensor [rows, cols] to copy the
+    payload into (the host gives pinned memory, from which its device reads without a staging copy),
+    or None for a fresh tensor.  The frame is checked completely before ``into`` is called."""
     view = memoryview(body)
     if len(view) < _MSG_HEAD.size:
         raise WireError(f"message shorter than its {_MSG_HEAD.size}-byte header")
@@ -465,5 +503,12 @@ def decode_shielded_message(body: bytes | memoryview, expect_kind: int | None = 
         raise WireError("layer key is not ASCII") from None
     np_dtype = "<i8" if dtype == torch.int64 else "<f4"
     arr = np.frombuffer(view[_MSG_HEAD.size + key_len:], dtype=np_dtype)
-    payload = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(rows, cols)
+    payload = into(kind, rows, cols, dtype) if into is not None else None
+    if payload is None:
+        payload = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(rows, cols)
+    else:
+        if payload.shape != (rows, cols) or payload.dtype != dtype or payload.device.type != "cpu":
+            raise WireError(f"the buffer for a {dtype} [{rows}, {cols}] payload is {payload.dtype} "
+                            f"{tuple(payload.shape)} on {payload.device}")
+        np.copyto(payload.numpy().reshape(-1), arr, casting="equiv")
     return ShieldedMessage(kind=kind, step=step, call=call, key=key, payload=payload, instance=instance, epoch=epoch)

@@ -41,6 +41,14 @@ way, so no step ever reads KV that the service does not hold for this engine.
 
 Dummy runs: vLLM's profiling and warm-up forwards have no attention metadata; they get tag 0
 handles and zero logits without contacting the service.
+
+On a GPU host (vLLM's device is CUDA): ``bind`` moves the host driver's public weights to that
+device, where every masked GEMM runs the Triton field kernel (``ShieldedHost.use_device``, which
+checks it against big integers first).  vLLM keeps the step metadata on the device; ``_begin``
+slices it there and the step frame takes it across in one download (``wire.encode_shielded_step``);
+the block table's width comes from the metadata's ``max_seq_len`` (a host-side int), so no device
+value is read for it.  ``compute_logits`` reads the row handles in one download and uploads the
+logits once.  On the CPU every step does what it did before.
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class SlipShieldedForCausalLM(nn.Module):
         self.vocab_size = int(config.vocab_size)
         self.cache_block_size = int(vllm_config.cache_config.block_size)
         self.cache_blocks = vllm_config.cache_config.num_gpu_blocks_override
+        device_config = getattr(vllm_config, "device_config", None)
+        self.device = torch.device(getattr(device_config, "device", None) or "cpu")  # where vLLM runs the model
         # vLLM wants one layer index in an attention layer's name
         self.anchor_name = (prefix + "." if prefix else "") + "slip_kv_anchor.0.attn"
         self.slip_kv_anchor = nn.ModuleList([nn.Module()])
@@ -88,6 +98,8 @@ class SlipShieldedForCausalLM(nn.Module):
     # -- set-up by the loader ------------------------------------------------------------------
 
     def bind(self, host) -> None:
+        if self.device.type != "cpu":
+            host.use_device(self.device)  # public weights and the field GEMM on vLLM's device
         self.host = host
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -115,7 +127,10 @@ class SlipShieldedForCausalLM(nn.Module):
     def _begin(self, input_ids, positions, md) -> None:
         n = int(md.num_actual_tokens)
         s = int(md.seq_lens.shape[0])
-        max_blocks = -(-int(md.seq_lens.max()) // self.cache_block_size)
+        longest = getattr(md, "max_seq_len", None)
+        if md.seq_lens.device.type == "cpu" or not isinstance(longest, int):
+            longest = int(md.seq_lens.max())  # on a device: one read (the metadata carries no host-side int)
+        max_blocks = -(-longest // self.cache_block_size)
         args = (input_ids[:n], positions[:n], md.slot_mapping[:n], md.query_start_loc[: s + 1], md.seq_lens[:s],
                 md.block_table[:s, :max_blocks])
         self.host.begin(*args)
@@ -148,8 +163,8 @@ class SlipShieldedForCausalLM(nn.Module):
         r = int(hidden_states.shape[0])
         zeros = torch.zeros(r, self.vocab_size, dtype=torch.float32, device=hidden_states.device)
         tag = self._live_tag
-        ours = (r > 0 and tag > 0 and hidden_states.shape[-1] == 2
-                and bool((hidden_states[:, 1] == tag).all()))
+        handles = hidden_states.detach().to("cpu") if tag > 0 else None  # one download of the handles
+        ours = (r > 0 and tag > 0 and handles.shape[-1] == 2 and bool((handles[:, 1] == tag).all()))
         if not ours:
             if in_step() and tag != _FAILED_TAG:
                 # inside a real step, logits asked for rows that are not the live step's handles:
@@ -157,7 +172,7 @@ class SlipShieldedForCausalLM(nn.Module):
                 record_failure(f"shielded logits asked for {r} row(s) that are not handles of the live step")
             return zeros  # outside a step: vLLM's dummy sampler run on random rows
         try:
-            return self.host.logits(hidden_states[:, 0].long().cpu()).to(hidden_states.device)
+            return self.host.logits(handles[:, 0].long()).to(hidden_states.device)
         except Exception as exc:
             record_failure(f"shielded logits: {exc}")
             self._live_tag = _FAILED_TAG
