@@ -18,13 +18,27 @@ Triton kernel) with its copies; and a channel echo of the masked payloads betwee
 their sum is the layer's critical path.  Next to it, what keeps the pools full: the CPU
 precompute rate of (r, W_q r) pairs, in rows per second (each row costs an m x n field product).
 
+Host path of ``shielded`` (``--parts host``; per masked GEMM of a Llama-3-8B decoder layer and its
+LM head, T token rows): the host's whole work for one ask, from the ask frame's bytes (as the
+channel hands them over) to the answer's bytes written into a channel-sized buffer, through the
+serving code itself (``ShieldedHost._decode`` + ``ShieldedHost.answer``: checks, y~ = W_q x~ mod p,
+y~ back on the CPU), on the CPU (``device=None``: the exact CPU backend measured fastest on this
+machine, ``--host-cpu-threads`` torch threads) and on the GPU (``device="cuda"``: weights on the
+device, x~ decoded into pinned memory, one non-blocking upload, the Triton kernel, one non-blocking
+download into pinned memory, one wait), side by side with a pageable baseline on the same GPU
+(``x.to("cuda")``, the kernel, ``y.cpu()``, ``encode_shielded_message``) and the kernel alone
+(CUDA events, x~ already on the device).  Every case first checks that the CPU and GPU answers are
+identical.  The LM head is timed only up to 256 rows (vLLM asks logits for the sampled rows: one per
+sequence, not per prompt token).
+
 How the cores are shared: on this machine the service process gets ``--service-threads`` torch
 threads and the host process the rest; a real deployment gives the secure service its own cores
 (a TEE or confidential VM), so the service-side figures are what those cores must deliver.
 
     python benchmarks/bench_layer_gpu.py [--tokens 1 16 128 512] [--service-threads 8] [--quick]
+        [--parts split shielded host] [--host-tokens 1 16 64 512 2048] [--host-cpu-threads N]
 
-Prints the command, the machine, and two tables; --json FILE also writes the rows.
+Prints the command, the machine, and a table per part; --json FILE also writes the rows.
 """
 
 from __future__ import annotations
@@ -310,6 +324,116 @@ def bench_shielded(tokens, threads, reps):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# the shielded host's per-ask path, CPU vs GPU
+# ---------------------------------------------------------------------------------------------
+
+# the masked GEMMs of one Llama-3-8B decoder layer and its LM head: name -> (m, n)
+HOST_LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+               "lm_head": (128256, 4096)}
+LM_HEAD_MAX_ROWS = 256
+
+
+def _wall_ms(fn, reps: int, budget_s: float = 0.0) -> tuple:
+    """(median ms, repetitions) of fn (which returns with its work done); one warm-up call first.
+    budget_s > 0: fewer repetitions (at least 2) when one call is slow."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if budget_s > 0:
+        reps = max(2, min(reps, int(budget_s / max(first, 1e-9))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, reps
+
+
+def bench_host(tokens, reps, cpu_threads):
+    from slip_vllm.core import wire
+    from slip_vllm.core.field import FieldWeight, choose_prime, field_matmul, min_modulus
+    from slip_vllm.host.shielded_client import PublicShieldedWeights, ShieldedHost
+
+    torch.set_num_threads(cpu_threads)
+    layers = dict(HOST_LAYERS)
+    # one prime for the model, from its widest layer: 8-bit weights, 16-bit activations (as slip protect)
+    p = choose_prime(min_modulus(max(n for _, n in layers.values()), 127, 32767))
+    gen = torch.Generator().manual_seed(3)
+    weights = {k: FieldWeight(torch.randint(-127, 128, (m, n), generator=gen, dtype=torch.int8), p)
+               for k, (m, n) in layers.items()}
+    public = PublicShieldedWeights(None, DIGEST, p, list(layers), weights)
+    unused = "http://127.0.0.1:9"  # the transport is never used: the bench calls the per-ask path directly
+    t0 = time.perf_counter()
+    cpu = ShieldedHost(public, unused)
+    cpu_setup = time.perf_counter() - t0
+    gpu = None
+    if DEVICE == "cuda":
+        t0 = time.perf_counter()
+        gpu = ShieldedHost(public, unused, device="cuda")
+        gpu_setup = time.perf_counter() - t0
+        print(f"host: CPU backend {cpu.backend} ({cpu.backend_reason}; {cpu_setup:.1f} s), GPU backend "
+              f"{gpu.backend} ({gpu.backend_reason}; weights uploaded and kernel checked in {gpu_setup:.1f} s); "
+              f"p = {p} ({p.bit_length()} bits)", flush=True)
+    else:
+        print(f"host: CPU backend {cpu.backend} ({cpu.backend_reason}); p = {p}", flush=True)
+    out_buf = torch.empty(max(t * m for t in tokens for m, _ in layers.values()) * 8 + 4096, dtype=torch.uint8)
+    rows = []
+    for name, (m, n) in layers.items():
+        for t in tokens:
+            if name == "lm_head" and t > LM_HEAD_MAX_ROWS:
+                continue
+            x = torch.randint(0, p, (t, n), generator=gen, dtype=torch.int64)
+            frame = bytearray(wire.encode_shielded_message(wire.MSG_ASK, 1, 0, name, x))  # writable, as a channel area
+
+            def through(host):
+                def one():
+                    host.calls.clear()
+                    header, y = host.answer(host._decode(memoryview(frame)))
+                    out_buf[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+                    nbytes = y.numel() * 8
+                    out_buf[len(header):len(header) + nbytes].copy_(y.reshape(-1).view(torch.uint8))
+                    return y
+                return one
+
+            y_cpu = through(cpu)()
+            row = {"layer": name, "m": m, "n": n, "T": t, "cpu_backend": cpu.backend,
+                   "x_bytes": t * n * 8, "y_bytes": t * m * 8}
+            row["cpu_ms"], row["cpu_reps"] = _wall_ms(through(cpu), reps, budget_s=2.0)
+            if gpu is not None:
+                y_gpu = through(gpu)()
+                if not torch.equal(y_cpu, y_gpu):
+                    raise SystemExit(f"{name} T={t}: the GPU answer differs from the CPU answer")
+                fw = gpu.weights[name]
+
+                def pageable():
+                    msg = wire.decode_shielded_message(memoryview(frame))
+                    y = field_matmul(msg.payload.to("cuda"), fw, p).cpu()
+                    return wire.encode_shielded_message(wire.MSG_ANSWER, msg.step, msg.call, name, y)
+
+                x_dev = x.to("cuda")
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+                def kernel():
+                    start.record()
+                    field_matmul(x_dev, fw, p)
+                    end.record()
+                    end.synchronize()
+                    return start.elapsed_time(end)
+
+                row["cuda_ms"], _ = _wall_ms(through(gpu), reps)
+                row["cuda_pageable_ms"], _ = _wall_ms(pageable, reps)
+                kernel()
+                row["kernel_ms"] = statistics.median(kernel() for _ in range(reps))
+                row["cpu_over_cuda"] = row["cpu_ms"] / row["cuda_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    cpu.close()
+    if gpu is not None:
+        gpu.close()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
@@ -320,6 +444,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--skip", choices=["split", "shielded"], default=None)
+    ap.add_argument("--parts", nargs="+", choices=["split", "shielded", "host"], default=["split", "shielded", "host"])
+    ap.add_argument("--host-tokens", type=int, nargs="+", default=[1, 16, 64, 512, 2048],
+                    help="token rows of the host-path part (decode and prefill sizes)")
+    ap.add_argument("--host-cpu-threads", type=int, default=os.cpu_count(),
+                    help="torch threads of the CPU host path (default: every core of this machine)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run the same code on the CPU at 1/16 of the shapes (checks the script, times nothing real)")
     args = ap.parse_args()
@@ -328,8 +457,11 @@ def main() -> int:
         DEVICE = "cpu"
         for name, (parts, n) in list(LAYERS.items()):
             LAYERS[name] = (tuple(m // 16 for m in parts), n // 16)
+        for name, (m, n) in list(HOST_LAYERS.items()):
+            HOST_LAYERS[name] = (m // 16, n // 16)
     if args.quick:
-        args.tokens, args.shielded_tokens, args.reps = [1, 16], [1, 16], 5
+        args.tokens, args.shielded_tokens, args.host_tokens, args.reps = [1, 16], [1, 16], [1, 16], 5
+    parts = set(args.parts) - ({args.skip} if args.skip else set())
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()}, torch {torch.__version__}, "
           f"GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, device {DEVICE}; service threads "
@@ -337,10 +469,11 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this benchmark runs on a GPU host (--cpu-smoke checks the script)")
         return 2
-    shielded = [] if args.skip == "shielded" else bench_shielded(args.shielded_tokens, args.service_threads,
+    host = bench_host(args.host_tokens, args.reps, args.host_cpu_threads) if "host" in parts else []
+    shielded = [] if "shielded" not in parts else bench_shielded(args.shielded_tokens, args.service_threads,
                                                                  max(5, args.reps // 2))
     split = []
-    if args.skip != "split":
+    if "split" in parts:
         for dtype in (torch.bfloat16, torch.float32):
             split += bench_split(args.tokens, dtype, args.service_threads, args.reps)
     print("\nsplit, one protected linear (ms, median):")
@@ -357,8 +490,19 @@ def main() -> int:
         print(f"| {r['layer']} ({r['m']} x {r['n']}) | {r['T']} | {r['mask_ms']:.3f} | {r['channel_ms']:.3f} | "
               f"{r['gemm_gpu_ms']:.3f} | {r['unmask_ms']:.3f} | {r['critical_path_ms']:.3f} | {r['stock_bf16_ms']:.3f} | "
               f"{r['ratio']:.1f}x | {r['precompute_rows_per_s']:.0f} |")
+    print(f"\nshielded host path, one masked GEMM per ask, bytes in to bytes out (ms, median; CPU path: "
+          f"{args.host_cpu_threads} torch threads):")
+    print("| GEMM (m x n) | T | x~ in / y~ out | CPU path (backend) | GPU path | GPU pageable baseline | "
+          "kernel alone | CPU / GPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in host:
+        io = f"{r['x_bytes'] / 2**20:.2f} / {r['y_bytes'] / 2**20:.2f} MiB"
+        gpu_cols = (f"{r['cuda_ms']:.3f} | {r['cuda_pageable_ms']:.3f} | {r['kernel_ms']:.3f} | {r['cpu_over_cuda']:.1f}x"
+                    if "cuda_ms" in r else "- | - | - | -")
+        print(f"| {r['layer']} ({r['m']} x {r['n']}) | {r['T']} | {io} | {r['cpu_ms']:.3f} ({r['cpu_backend']}) | "
+              f"{gpu_cols} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"split": split, "shielded": shielded}, indent=1))
+        Path(args.json).write_text(json.dumps({"split": split, "shielded": shielded, "host": host}, indent=1))
     return 0
 
 

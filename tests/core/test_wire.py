@@ -80,3 +80,33 @@ def test_sliced_request_round_trip_layout_and_refusals():
     for wrong in [((0, 1, 0, 1),), ((0, 1, 0),) * 3]:
         with pytest.raises(wire.WireError):
             wire.encode_request(wire.KIND_LINEAR, (1, 2, 1), x, 5, 6, ranges=wrong)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_shielded_frames_are_the_same_bytes_from_any_device_dtype_or_buffer(device):
+    """A step frame from vLLM's device tensors of its own dtypes (int32 ids, query start locations,
+    sequence lengths and block tables), from lists, or from CPU int64 tensors is the same bytes; a
+    message written as (header, payload) is the frame; decoding into a given buffer equals decoding
+    into a fresh one, and a buffer of the wrong shape, dtype or device is refused."""
+    ids, pos, slots, qsl, lens, bt = [5, 6, 7], [0, 1, 2], [8, 9, 10], [0, 3], [3], [[2, 0, 0]]
+    want = wire.encode_shielded_step(1, 2, ids, pos, slots, qsl, lens, bt, [2])
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    i64 = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    assert wire.encode_shielded_step(1, 2, i32(ids), i64(pos), i64(slots), i32(qsl), i32(lens), i32(bt),
+                                     torch.tensor([2])) == want
+    assert wire.encode_shielded_step(1, 2, i64(ids), i64(pos), i64(slots), i64(qsl), i64(lens), i64(bt)[:, :3],
+                                     i64([2])) == want
+    step = wire.decode_shielded_step(want)
+    assert step.block_tables.tolist() == bt and step.logits_indices.tolist() == [2]
+    y = torch.tensor([[0, 1, 2**40 + 3], [4, 5, 6]])
+    head, payload = wire.shielded_message_header(wire.MSG_ANSWER, 9, 1, "layers.0.o", y, instance=3, epoch=4)
+    frame = wire.encode_shielded_message(wire.MSG_ANSWER, 9, 1, "layers.0.o", y, instance=3, epoch=4)
+    assert head + payload.numpy().tobytes() == frame
+    buf = torch.full((2, 3), -1, dtype=torch.int64)
+    got = wire.decode_shielded_message(frame, into=lambda kind, r, c, dt: buf)
+    assert got.payload is buf and torch.equal(buf, y) and got.key == "layers.0.o"
+    assert torch.equal(wire.decode_shielded_message(frame, into=lambda *a: None).payload, y)
+    for wrong in (torch.empty(3, 2, dtype=torch.int64), torch.empty(2, 3, dtype=torch.int32)):
+        with pytest.raises(wire.WireError, match="buffer"):
+            wire.decode_shielded_message(frame, into=lambda *a, w=wrong: w)
