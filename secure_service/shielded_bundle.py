@@ -26,10 +26,15 @@ bundle cannot be paired with another artifact's public half.
 
 Checks, in order: the generic bundle checks of ``bundle.load_bundle`` (bundle.json, the manifest
 hash it pairs with, the factor file's hash and shapes); protocol ``shielded``; the hash of
-``shielded.safetensors``; every layer key of the manifest present with W_q of the manifest's shape
-and hash, a finite positive scale per output channel, u in [0, p), a left factor that is block
-diagonal over the layer's fused parts; p prime and above the exactness bound of every layer
-(``quantize.check_prime``, done by the executor).
+``shielded.safetensors``; the lock named by bundle.json (``"lock"``: ``none`` | ``perm`` |
+``block:b``; absent means ``none``, the layout before locks existed); every layer key of the
+manifest present with W_q of the manifest's shape and hash, a finite positive scale per output
+channel, u in [0, p), a left factor that is block diagonal over the layer's fused parts, and the
+tensors of its lock (``<key>.lock.*``, checked by ``GemmLock.from_tensors``: permutations,
+orthogonal blocks of the named size); no tensor the bundle does not define (a lock's tensors in a
+bundle that names none are refused); p prime and above the exactness bound of every layer
+(``quantize.check_prime``, done by the executor).  The lock is a secret of the service: it is
+written to OUT/secret only, and the public manifest does not name it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 from safetensors.torch import load_file
 
 from secure_service.bundle import Bundle, BundleError, load_bundle
+from slip_vllm.core.lock import GemmLock, parse_lock
 from slip_vllm.core.manifest import sha256_bytes, sha256_file
 from slip_vllm.core.quantize import LowRankFactors, QuantizedWeight
 
@@ -91,6 +97,8 @@ class ShieldedBundle:
     weight_bits: int
     act_bits: int
     layer_keys: List[str]
+    locks: Optional[Dict[str, GemmLock]] = None  # layer key -> its lock (None: an unlocked bundle)
+    lock: str = "none"                            # the bundle's lock kind, as written by ``slip protect``
 
 
 def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
@@ -118,6 +126,10 @@ def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
         raise BundleError(f"weight_bits {weight_bits}: this build serves int8 public weights only")
     if int(meta.get("p", -1)) != p:
         raise BundleError("bundle.json and the manifest disagree on p")
+    try:
+        lock_spec = parse_lock(meta.get("lock", "none"))
+    except ValueError as exc:
+        raise BundleError(f"bundle.json: {exc}") from None
     shielded_path = path / SHIELDED_FILE
     if not shielded_path.is_file() or sha256_file(shielded_path) != meta.get("shielded_sha256"):
         raise BundleError(f"{SHIELDED_FILE} is missing or does not match its recorded hash")
@@ -135,7 +147,7 @@ def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
             raise BundleError(f"{name} holds NaN/Inf")
         return t
 
-    splits, quantized, freivalds = {}, {}, {}
+    splits, quantized, freivalds, locks = {}, {}, {}, {}
     for key in layer_keys:
         entry = entries[key]
         m, n = entry.shape
@@ -166,6 +178,11 @@ def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
         st.left = low_rank.lefts[0] if len(low_rank.lefts) == 1 else None
         quantized[key] = QuantizedWeight(w_q=w_q.contiguous(), scale=scale.contiguous(), bits=weight_bits)
         freivalds[key] = u.contiguous()
+        lock_tensors = {name: take(name) for name in GemmLock.tensor_names(key, lock_spec.kind)}
+        try:
+            locks[key] = GemmLock.from_tensors(lock_tensors, key, m, n, lock_spec.kind, lock_spec.block)
+        except ValueError as exc:
+            raise BundleError(f"{key}: lock: {exc}") from None
     embed = take("embed")
     norms = {name[len("norm."):]: t.float() for name, t in list(data.items()) if name.startswith("norm.")}
     for name in list(data):
@@ -178,4 +195,5 @@ def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
         raise BundleError("config.json and the manifest disagree on the model type")
     return ShieldedBundle(bundle=bundle, config=config, splits=splits, quantized=quantized, embed=embed.float(),
                           norms=norms, freivalds=freivalds, p=p, weight_bits=weight_bits, act_bits=act_bits,
-                          layer_keys=layer_keys)
+                          layer_keys=layer_keys, locks=None if lock_spec.kind == "none" else locks,
+                          lock=str(lock_spec))

@@ -13,7 +13,13 @@ public GEMMs.  It owns:
   activation function (the library's ``ACT2FN[config.hidden_act]``), the biases and the secret
   low-rank terms W_C = left @ right of every projection;
 * one ``ShieldedLinear`` per fused public GEMM of each layer (qkv, o, gate_up, down) and one for
-  the LM head, with the model's prime p, mask provider, Freivalds keys and alarm counter.
+  the LM head, with the model's prime p, mask provider, Freivalds keys and alarm counter;
+* the GEMMs' locks (``slip_vllm.core.lock``, ``locks=``): when given, the public weight of GEMM
+  ``key`` is quant(M_out W_D M_in) and its ``ShieldedLinear`` (or, in ``fixed_point`` mode, the
+  reference) transforms the input before quantization and undoes the output after
+  dequantization.  One lock spans a fused GEMM's whole output (q, k and v rows, or gate and up
+  rows, mixed together: the host cannot tell the parts apart); the service unlocks before it cuts
+  the output into its parts.
 
 It does not own transport, scheduling (block tables, slot mapping and sequence lengths come from
 the host's scheduler, as in vLLM's runner) or sampling (float logits are returned for the host's
@@ -30,8 +36,8 @@ The float and fixed-point modes (below) never yield.
 Where it runs and what it holds
 -------------------------------
 Inside the secure service only; it must never import vLLM.  It holds secrets: the low-rank factors,
-the quantization scales, norm gains, biases, the embedding table, the KV cache and every plaintext
-activation.  Only masked activations x~ (uniform in Z_p) are handed to ``host_gemm``; the host holds
+the quantization scales, the locks, norm gains, biases, the embedding table, the KV cache and every
+plaintext activation.  Only masked activations x~ (uniform in Z_p) are handed to ``host_gemm``; the host holds
 the public int8 weights W_q (``public_weights()``) and p.
 
 Build (``from_checkpoint``)
@@ -94,9 +100,9 @@ contents, synchronously, so the executor stays consistent and usable for the nex
 Modes (``mode=``), the same glue and the same split in all three:
 * ``"shielded"`` (the protocol): masked host GEMMs as above;
 * ``"fixed_point"``: no masks, no host; every projection is ``quantize.shielded_linear_reference``
-  (the bit-exact specification of ``ShieldedLinear``), so its logits must equal ``"shielded"``'s
+  with the GEMM's lock (the bit-exact specification of ``ShieldedLinear``), so its logits must equal ``"shielded"``'s
   bit for bit: any difference is a protocol or glue bug, not quantization;
-* ``"float"``: no quantization, no host; W_D x + W_C x + b in float64 with the unquantized W_D
+* ``"float"``: no quantization, no host, no lock; W_D x + W_C x + b in float64 with the unquantized W_D
   (W_C x in float32 as in every mode, ``quantize.low_rank_term``): must match the original model
   up to float rounding, which separates the quantization error of ``shielded`` from logic errors
   of the glue.
@@ -105,6 +111,7 @@ Modes (``mode=``), the same glue and the same split in all three:
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Generator, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -117,6 +124,7 @@ from secure_service.shielded_bundle import FusedSplit, ShieldedBundle, load_shie
 from secure_service.shielded_linear import ShieldedLinear
 from secure_service.step_checks import PrefixTags, check_kv_reads, model_max_len
 from slip_vllm.core.decompose import RankPolicy, split_matrix
+from slip_vllm.core.lock import GemmLock, LockSpec, make_locks, parse_lock
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
     LowRankFactors,
@@ -399,11 +407,15 @@ class ShieldedExecutor:
                  pool_rows: Optional[int] = None, alarms: Optional[AlarmCounter] = None,
                  quantized: Optional[Dict[str, QuantizedWeight]] = None, p: Optional[int] = None,
                  freivalds: Optional[Dict[str, torch.Tensor]] = None,
-                 mask_recorder: Optional[MaskAuditRecorder] = None, max_model_len: int = 0):
+                 mask_recorder: Optional[MaskAuditRecorder] = None, max_model_len: int = 0,
+                 locks: Optional[Dict[str, GemmLock]] = None):
         """quantized / p / freivalds (a secret bundle's stored W_q and scales, prime, Freivalds
         vectors u per layer key): use them instead of quantizing ``splits[key].public``, choosing
         p and drawing fresh keys; p is checked against the bound of every layer.  max_model_len:
-        the longest sequence a step may hold (0: the config's max_position_embeddings)."""
+        the longest sequence a step may hold (0: the config's max_position_embeddings).  locks:
+        layer key -> ``GemmLock`` for every layer (None: unlocked); without ``quantized`` the
+        locked weights quant(lock_weight(W_D)) are quantized here (in float64); with it, the
+        stored W_q must already be the locked ones (a bundle's)."""
         module, prefix = _family_module(config)
         self.config = config
         self.model_type = config.model_type
@@ -452,6 +464,14 @@ class ShieldedExecutor:
         self.splits = splits
         self.host_calls: List[str] = []
         self.alarms = alarms if alarms is not None else AlarmCounter()
+        if locks is not None:
+            if set(locks) != set(splits):
+                raise ValueError("locks and splits name different layers")
+            for key, lk in locks.items():
+                shape = (int(sum(splits[key].parts)), int(splits[key].low_rank.n))
+                if not isinstance(lk, GemmLock) or (lk.m, lk.n) != shape:
+                    raise ValueError(f"{key}: the lock must be a GemmLock of {shape}")
+        self.locks: Optional[Dict[str, GemmLock]] = None if locks is None else dict(locks)
 
         self._shielded: Dict[str, ShieldedLinear] = {}
         self._public: Dict[str, PublicWeight] = {}
@@ -466,7 +486,9 @@ class ShieldedExecutor:
                 raise ValueError("quantized weights and splits name different layers")
             self._quantized = dict(quantized)
         else:
-            self._quantized = {key: quantize_weight(s.public, weight_bits) for key, s in splits.items()}
+            self._quantized = {key: quantize_weight(s.public if self.locks is None else
+                                                    self.locks[key].lock_weight(s.public.to(torch.float64)),
+                                                    weight_bits) for key, s in splits.items()}
         if p is None:
             self.p = select_prime({key: q.w_q for key, q in self._quantized.items()}, act_bits=act_bits)
         else:
@@ -485,19 +507,33 @@ class ShieldedExecutor:
                 fkey = FreivaldsKey(self._public[key], u=freivalds[key], layer_id=key)
             self._shielded[key] = ShieldedLinear(key, self._public[key], quantized[key].scale, masks,
                                                  key=fkey, alarms=self.alarms, low_rank=s.low_rank, bias=s.bias,
-                                                 act_bits=act_bits, out_dtype=torch.float32)
+                                                 act_bits=act_bits, out_dtype=torch.float32, lock=self._lock(key))
 
     # -- construction -------------------------------------------------------------------------
 
+    def _lock(self, key: str) -> Optional[GemmLock]:
+        return None if self.locks is None else self.locks[key]
+
+    @staticmethod
+    def draw_locks(splits: Dict[str, FusedSplit], lock: Union[str, LockSpec], key: bytes) -> Dict[str, GemmLock]:
+        """One lock per fused GEMM of ``splits`` (``core.lock.make_locks``, per-GEMM keys derived
+        from ``key``, e.g. 32 bytes of ``os.urandom``); lock: ``none`` | ``perm`` | ``block[:b]``."""
+        spec = parse_lock(lock) if isinstance(lock, str) else lock
+        return make_locks({k: (int(sum(s.parts)), int(s.low_rank.n)) for k, s in splits.items()}, spec, key)
+
     @classmethod
     def from_checkpoint(cls, model_dir: Union[str, Path], policy: RankPolicy, *, seed: int = 0, blind: bool = True,
+                        lock: Union[str, LockSpec, None] = None, lock_key: Optional[bytes] = None,
                         **kwargs) -> "ShieldedExecutor":
         """Split an original HF checkpoint (see the module docstring) and build the executor.
 
         kwargs go to the constructor (num_blocks, block_size, mode, weight_bits, act_bits,
         masks, pool_rows, alarms).  ``seed`` seeds the blinding generator (same seed, same split).
+        lock / lock_key: lock every GEMM (``draw_locks``; lock_key None: fresh from the OS CSPRNG).
         """
         config, splits, embed, norms = split_checkpoint(model_dir, policy, seed=seed, blind=blind)
+        if lock is not None:
+            kwargs["locks"] = cls.draw_locks(splits, lock, lock_key if lock_key is not None else os.urandom(32))
         return cls(config, splits, embed, norms, **kwargs)
 
     @classmethod
@@ -509,7 +545,7 @@ class ShieldedExecutor:
         ``ShieldedBundle``."""
         b = secret_dir if isinstance(secret_dir, ShieldedBundle) else load_shielded_bundle(secret_dir)
         return cls(b.config, b.splits, b.embed, b.norms, quantized=b.quantized, p=b.p, freivalds=b.freivalds,
-                   weight_bits=b.weight_bits, act_bits=b.act_bits, **kwargs)
+                   weight_bits=b.weight_bits, act_bits=b.act_bits, locks=b.locks, **kwargs)
 
     # -- what the host gets -------------------------------------------------------------------
 
@@ -550,7 +586,8 @@ class ShieldedExecutor:
         if self.mode == "fixed_point":
             s, q = self.splits[key], self._quantized[key]
             return shielded_linear_reference(x, q.w_q, q.scale, self.p, act_bits=self.act_bits,
-                                             low_rank=s.low_rank, bias=s.bias, out_dtype=torch.float32)
+                                             low_rank=s.low_rank, bias=s.bias, out_dtype=torch.float32,
+                                             lock=self._lock(key))
         lin = self._shielded[key]
         x_masked, ticket = lin.mask(x)
         try:

@@ -10,17 +10,22 @@ glue (the service executor does), nor the host's product (``PublicWeight.matmul`
 Where it runs and what it holds
 -------------------------------
 Inside the secure service.  It holds secrets: the quantization scales, the low-rank factors
-W_C = left @ right, the bias, the Freivalds key and, between ``mask`` and ``unmask``, the step's
-plaintext activations and masks.  Only x~ (uniform in Z_p) leaves it.
+W_C = left @ right, the bias, the Freivalds key, the GEMM's lock (``slip_vllm.core.lock``) and,
+between ``mask`` and ``unmask``, the step's plaintext activations and masks.  Only x~ (uniform in
+Z_p) leaves it.
 
 Protocol (one layer y = (W_C + W_D) x + b for a batch of T token rows; W_D ~= diag(s_w) W_q)
 -------------------------------------------------------------------------------------------
+With a lock (M_out, M_in orthogonal, secret): the host's weight is W_q = quant(M_out W_D M_in)
+with scales s_w of that locked matrix, and the steps below marked [lock] act on it; without one
+(``none``) they are the identity.  Row-vector form: x [T, n], y = x W^T.
 Offline, once per layer (protect time / service start):
   0. p prime with p > 2 n max|W_q| max|x_q| (``quantize.check_prime``); secret Freivalds vectors u
      and a = u^T W_q mod p (``integrity.FreivaldsKey``).  In the background, all the time: fresh
      mask pairs (r, W_q r mod p) from the ``MaskProvider`` pool.
 Online, per step:
-  1. ``mask(x)``, service:  x_q, s_x = quantize_per_token(x) (16-bit fixed point);
+  1. ``mask(x)``, service:  [lock] x' = x M_in (a gather for ``perm``; float64 for ``block``);
+     x_q, s_x = quantize_per_token(x') (16-bit fixed point);
      take T fresh rows r (one per token row, never used before, never again);
      x~ = (x_q + r) mod p, uniform in Z_p^n; overwrite r.  Keep (x~, x, s_x, W_q r) under a
      one-time ticket; send x~.
@@ -31,11 +36,14 @@ Online, per step:
         service's own x~; on any failure: alarm, destroy the masks, raise ``IntegrityError``
         (fail closed: the whole step is refused, nothing unmasked);
      c. y_q = centered_lift((y~ - W_q r) mod p), exact integers (= W_q x_q by the bound on p);
-     d. y = y_q * s_w * s_x in float64, + W_C x (float32, from the factors converted once at
-        construction, ``quantize.LowRankFactors``; why float32: "Precision of W_C x" in
-        ``slip_vllm.core.quantize``), + b; cast;
+     d. y' = y_q * s_w * s_x in float64; [lock] y = y' M_out (float64; a gather for ``perm``);
+        + W_C x of the plain x (float32, from the factors converted once at construction,
+        ``quantize.LowRankFactors``; why float32: "Precision of W_C x" in
+        ``slip_vllm.core.quantize``), + b; cast.  Steps 1-3d are ``quantize.shielded_linear_reference``
+        (lock included) bit for bit;
      e. overwrite the masks.
-Costs: step 1 and 3c-3d are O(n + m) per row online; 3b is O(t (n + m)) per row; the background
+Costs: step 1 and 3c-3d are O(n + m) per row online (a ``block:b`` lock adds O(b (n + m)),
+``benchmarks/bench_lock.py``); 3b is O(t (n + m)) per row; the background
 precompute of W_q r is O(m n) per row (the price of information-theoretic hiding); W_C x is
 O(k (m + n)) per row.
 """
@@ -51,6 +59,7 @@ import torch
 
 from secure_service.integrity import AlarmCounter, FreivaldsKey, IntegrityError, ReplayError
 from secure_service.masks import MaskBatch, MaskProvider
+from slip_vllm.core.lock import GemmLock
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
     LowRank,
@@ -94,13 +103,15 @@ class ShieldedLinear:
     service's ``AlarmCounter`` (None: a private one); low_rank: W_C as a ``LowRankFactors`` (a
     fused layer's per-part factors) or a pair (left [m, k], right [k, n]) with W_C = left @ right,
     held from here on in the precision W_C x is computed in; bias: float [m]; act_bits: activation
-    fixed-point bits (16).
+    fixed-point bits (16); lock: the GEMM's ``GemmLock`` (``weight`` and ``w_scale`` are then
+    those of the locked weight; None: no lock).
     """
 
     def __init__(self, layer_id: Hashable, weight: PublicWeight, w_scale: torch.Tensor, masks: MaskProvider, *,
                  key: Optional[FreivaldsKey] = None, alarms: Optional[AlarmCounter] = None,
                  low_rank: Optional[Union[LowRank, LowRankFactors]] = None, bias: Optional[torch.Tensor] = None,
-                 act_bits: int = DEFAULT_ACT_BITS, out_dtype: torch.dtype = torch.float32):
+                 act_bits: int = DEFAULT_ACT_BITS, out_dtype: torch.dtype = torch.float32,
+                 lock: Optional[GemmLock] = None):
         if not isinstance(weight, PublicWeight):
             raise TypeError("weight must be a PublicWeight")
         self.layer_id = layer_id
@@ -128,6 +139,12 @@ class ShieldedLinear:
             raise ValueError(f"bias must be [{self.m}]")
         self.bias = bias
         self.out_dtype = out_dtype
+        if lock is not None:
+            if not isinstance(lock, GemmLock) or (lock.m, lock.n) != (self.m, self.n):
+                raise ValueError(f"lock must be a GemmLock of [{self.m}, {self.n}]")
+            if lock.is_identity:
+                lock = None
+        self.lock: Optional[GemmLock] = lock
         self._pending: Dict[str, _Pending] = {}
         self._lock = threading.Lock()
 
@@ -137,7 +154,7 @@ class ShieldedLinear:
         """x float [T, n] -> (x~ int64 [T, n] in [0, p) for the host, one-time ticket)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.n:
             raise ValueError(f"x must be a float tensor [T, {self.n}]")
-        x_q, x_scale = quantize_activations(x, self.act_bits)
+        x_q, x_scale = quantize_activations(x if self.lock is None else self.lock.lock_input(x), self.act_bits)
         batch = self.masks.take(self.layer_id, int(x.shape[0]))
         if batch.r.shape != x_q.shape or batch.wr.shape != (x_q.shape[0], self.m):
             batch.destroy()
@@ -165,7 +182,8 @@ class ShieldedLinear:
 
     def unmask_quantized(self, ticket: Ticket, y_masked: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 3a-3c: (y_q int64 [T, m] = W_q x_q exactly, x_scale float64 [T], x float [T, n] or
-        None when the layer has no low-rank factors)."""
+        None when the layer has no low-rank factors).  With a lock, y_q and x_scale are those of the
+        locked product (x_q = quantize(x M_in)); x is the plain input."""
         state = self._redeem(ticket)
         try:
             try:
@@ -183,6 +201,8 @@ class ShieldedLinear:
         """Steps 3a-3e: the layer's output y [T, m] in ``out_dtype``; IntegrityError if the host cheated."""
         y_q, x_scale, x = self.unmask_quantized(ticket, y_masked)
         y = dequantize(y_q, self.w_scale, x_scale)
+        if self.lock is not None:
+            y = self.lock.unlock_output(y)
         if self.low_rank is not None:
             y = y + low_rank_term(x, self.low_rank).to(torch.float64)
         if self.bias is not None:

@@ -24,6 +24,8 @@ def _protect(args: argparse.Namespace) -> int:
             config.default_rank = RankPolicy(absolute=args.rank)
         if args.seed is not None:
             config.seed = args.seed
+        if args.lock is not None:
+            config.lock = args.lock
         if args.unsafe_no_blinding:
             config.blinding = False
         manifest = protect(args.model, args.out, config, force=args.force)
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=None, help="absolute secret rank for every matrix")
     p.add_argument("--config", default=None, help="YAML protect config (see configs/protect.yaml)")
     p.add_argument("--seed", type=int, default=None, help="fixed blinding seed (tests only)")
+    p.add_argument("--lock", default=None, metavar="none|perm|block[:B]",
+                   help="shielded only: secret per-GEMM transforms of the public weights, undone in the "
+                        "service (default block:32; see docs/SECURITY.md)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--unsafe-no-blinding", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_protect)

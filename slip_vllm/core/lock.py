@@ -9,6 +9,7 @@ What this module owns
   (``lock_weight``), what the secure service applies to the activations before quantization and
   masking (``lock_input``) and to the dequantized product afterwards (``unlock_output``), and its
   serialisation for the secret bundle (``to_tensors`` / ``from_tensors``);
+* ``gemm_seed`` / ``make_locks``: one independent lock per GEMM of a model from one artifact key;
 * ``parse_lock`` / ``LockSpec``: the ``--lock none|perm|block[:b]`` option.
 
 Where it runs and what it holds
@@ -65,7 +66,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["LOCK_KINDS", "DEFAULT_LOCK", "LockSpec", "parse_lock", "SideTransform", "GemmLock", "make_lock"]
+__all__ = ["LOCK_KINDS", "DEFAULT_LOCK", "LockSpec", "parse_lock", "SideTransform", "GemmLock", "make_lock",
+           "gemm_seed", "make_locks", "seed_lock_key"]
 
 LOCK_KINDS = ("none", "perm", "block")
 DEFAULT_LOCK = "block:32"  # see docs/BENCHMARKS.md "Lock" for the cost and quality that chose it
@@ -379,3 +381,26 @@ def make_lock(out_features: int, in_features: int, kind: str, block: int, seed: 
     out_side = SideTransform.draw(stream, out_features, kind, b)
     in_side = SideTransform.draw(stream, in_features, kind, b)
     return GemmLock(out_features, in_features, kind, b, out_side=out_side, in_side=in_side)
+
+
+def gemm_seed(master: bytes, name: str) -> bytes:
+    """The key of one GEMM's lock: shake_256(b"slip-lock-gemm/v1" || len(master) || master || name),
+    32 bytes (independent locks for different names under one artifact key)."""
+    if not isinstance(master, (bytes, bytearray)) or len(master) < 16:
+        raise ValueError("the artifact's lock key must be at least 16 bytes")
+    return hashlib.shake_256(b"slip-lock-gemm/v1" + struct.pack("<I", len(master)) + bytes(master)
+                             + name.encode()).digest(32)
+
+
+def seed_lock_key(seed: int) -> bytes:
+    """The artifact lock key that ``slip protect --seed SEED`` uses (tests only: a real artifact's
+    key is ``os.urandom(32)``): shake_256(b"slip-lock-key/v1" || decimal SEED), 32 bytes."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return hashlib.shake_256(b"slip-lock-key/v1" + str(seed).encode()).digest(32)
+
+
+def make_locks(shapes: Dict[str, Tuple[int, int]], spec: LockSpec, master: bytes) -> Dict[str, GemmLock]:
+    """One lock per GEMM: name -> ``make_lock(m, n, spec.kind, spec.block, gemm_seed(master, name))``."""
+    return {name: make_lock(int(m), int(n), spec.kind, spec.block, gemm_seed(master, name))
+            for name, (m, n) in shapes.items()}

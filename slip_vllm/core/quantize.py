@@ -17,8 +17,9 @@ What this module owns
 * ``PublicWeight``: the quantized public weight prepared for the exact mod-p product on either side
   (int8: exactly ``field.field_matmul``; int16: two int8 digit planes, see below);
 * ``shielded_linear_reference``: the bit-exact fixed-point specification of one protected linear
-  (no masks, no field): the masked protocol must reproduce its integers exactly and, running the
-  same float code on them, its floats bit for bit.
+  (no masks, no field), including the GEMM's lock where it has one (``slip_vllm.core.lock``): the
+  masked protocol must reproduce its integers exactly and, running the same float code on them,
+  its floats bit for bit.
 
 Where it runs and what it holds
 -------------------------------
@@ -82,6 +83,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from slip_vllm.core.field import MAX_N, MAX_P, FieldWeight, choose_prime, field_matmul, min_modulus
+from slip_vllm.core.lock import GemmLock
 
 __all__ = [
     "WEIGHT_QMAX",
@@ -474,16 +476,24 @@ def shielded_linear_reference(x_float: torch.Tensor, w_q: torch.Tensor, w_scale:
                               act_bits: int = DEFAULT_ACT_BITS,
                               low_rank: Optional[Union[LowRank, LowRankFactors]] = None,
                               bias: Optional[torch.Tensor] = None,
-                              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                              out_dtype: torch.dtype = torch.float32,
+                              lock: Optional["GemmLock"] = None) -> torch.Tensor:
     """The fixed-point specification of one protected linear, y ~= x @ (W_C + W_D)^T + b.
 
     y = dequantize(W_q x_q) [+ W_C x] [+ b] in float64, with W_C x computed by ``low_rank_term`` in
     float32 (see "Precision of W_C x"), cast to ``out_dtype`` at the end.  The masked protocol
     (``secure_service.shielded_linear``) must return the same integers y_q and, running the same
     float steps on them, the same floats bit for bit.
+
+    lock (``slip_vllm.core.lock.GemmLock``; W_q, w_scale are then those of the locked weight
+    quant(M_out W_D M_in)): x_q = quantize(lock_input(x)), and the dequantized product is unlocked
+    (y' @ M_out, float64) before W_C x (of the plain x) and b are added.
     """
-    y_q, x_scale = shielded_linear_reference_int(x_float, w_q, p, act_bits)
+    y_q, x_scale = shielded_linear_reference_int(x_float if lock is None else lock.lock_input(x_float), w_q, p,
+                                                 act_bits)
     y = dequantize(y_q, w_scale, x_scale)
+    if lock is not None:
+        y = lock.unlock_output(y)
     if low_rank is not None:
         y = y + low_rank_term(x_float, low_rank).to(torch.float64)
     if bias is not None:

@@ -115,6 +115,7 @@ class ProtectConfig:
     overrides: list[tuple[str, RankPolicy]] = field(default_factory=list)
     blinding: bool = True
     seed: int | None = None  # None: fresh CSPRNG seed (required for real use, see below)
+    lock: str | None = None  # shielded only: none | perm | block[:b] (None: core.lock.DEFAULT_LOCK)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ProtectConfig":
@@ -122,7 +123,7 @@ class ProtectConfig:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
             raise ProtectError(f"cannot read config {path}: {exc}") from None
-        known = {"protocol", "rank", "blinding", "seed"}
+        known = {"protocol", "rank", "blinding", "seed", "lock"}
         unknown = set(data) - known
         if unknown:
             raise ProtectError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -140,6 +141,7 @@ class ProtectConfig:
             raise ProtectError(f"{path}: bad rank section: {exc}") from None
         cfg.blinding = bool(data.get("blinding", True))
         cfg.seed = data.get("seed")
+        cfg.lock = None if data.get("lock") is None else str(data["lock"])
         return cfg
 
     def policy_for(self, name: str) -> RankPolicy:
@@ -231,6 +233,16 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
     out_dir = Path(out_dir)
     if config.protocol not in ("split", "shielded"):
         raise ProtectError(f"unknown protocol {config.protocol!r} (choose split or shielded)")
+    if config.lock is not None:
+        from slip_vllm.core.lock import parse_lock
+
+        try:
+            lock = parse_lock(config.lock)
+        except ValueError as exc:
+            raise ProtectError(str(exc)) from None
+        if config.protocol != "shielded" and lock.kind != "none":
+            raise ProtectError(f"--lock {config.lock} needs --protocol shielded (a split host sees plaintext "
+                               "activations, so a lock would hide nothing)")
     if not (model_dir / "config.json").is_file():
         raise ProtectError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:

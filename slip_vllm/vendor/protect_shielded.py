@@ -19,9 +19,11 @@ OUT/secret (mode 0700, the secure service's bundle):
     per manifest entry (block diagonal over fused parts);
   * ``shielded.safetensors``: per layer key ``.w_q`` (a copy of the public weight), ``.scale``
     (per output channel), ``.bias`` (where the model has one), ``.freivalds_u`` (the secret
-    Freivalds vectors, fixed at protect time so restarts keep them); ``norm.<name>`` gains and
-    ``embed`` (token ids are looked up in the service);
-  * ``bundle.json`` (hashes of both files, the public manifest hash it pairs with, p),
+    Freivalds vectors, fixed at protect time so restarts keep them), ``.lock.{out,in}.*`` (the
+    GEMM's lock, ``core.lock.GemmLock.to_tensors``; none for ``--lock none``); ``norm.<name>``
+    gains and ``embed`` (token ids are looked up in the service);
+  * ``bundle.json`` (hashes of both files, the public manifest hash it pairs with, p, the lock
+    kind ``none`` | ``perm`` | ``block:b``: only here, the public manifest does not name it),
     ``slip_manifest.json``, ``config.json``.
 
 Steps
@@ -29,9 +31,15 @@ Steps
 1. split every projection with ``shielded_executor.split_checkpoint`` (SVD + blinding, exactness
    <= 1e-6 checked per matrix by ``decompose.split_matrix`` before any quantization), fused per
    masked GEMM, rank from the protect config (per checkpoint name);
-2. build the ``ShieldedExecutor`` from the split: it quantizes W_D per output channel to int8,
-   chooses p above the exactness bound of every layer, and draws the Freivalds vectors from the
-   OS CSPRNG;
+2. draw one lock per masked GEMM (``--lock``, default ``core.lock.DEFAULT_LOCK``;
+   ``core.lock.make_locks`` from a 32-byte artifact key: ``os.urandom``, or derived from
+   ``--seed`` when a fixed seed is given for tests) and build the ``ShieldedExecutor`` from the
+   split and the locks: it quantizes the locked W_D' = M_out W_D M_in (float64, before any
+   quantization) per output channel to int8, chooses p above the exactness bound of every layer,
+   and draws the Freivalds vectors (of the locked W_q) from the OS CSPRNG.  Fused GEMMs (qkv,
+   gate_up) get one lock over their whole output: the output side mixes the rows of all parts
+   (the host cannot tell q from k or v, gate from up), and the service unlocks the whole output
+   before cutting it into parts; bias and W_C x are added after the unlock, in plain coordinates;
 3. write both halves into a staging directory, then move them into place.
 ``ShieldedExecutor.from_bundle(OUT/secret)`` rebuilds the same executor: its results are
 bit-identical to ``ShieldedExecutor.from_checkpoint`` with the same rank policy and seed.
@@ -51,6 +59,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from slip_vllm.core.lock import DEFAULT_LOCK, parse_lock, seed_lock_key
 from slip_vllm.core.manifest import (
     KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_OUT_IN, QUANT_METHOD, SHIELDED_ARCHITECTURE, Manifest,
     TensorEntry, sha256_bytes,
@@ -72,8 +81,14 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
 
     model_cfg, splits, embed, norms = split_checkpoint(model_dir, config.policy_for, seed=seed,
                                                        blind=config.blinding)
+    lock_spec = parse_lock(getattr(config, "lock", None) or DEFAULT_LOCK)
+    if getattr(config, "seed", None) is None:
+        lock_key = os.urandom(32)
+    else:  # a fixed seed (tests only, warned about by ``protect``) fixes the lock too
+        lock_key = seed_lock_key(int(seed))
+    locks = ShieldedExecutor.draw_locks(splits, lock_spec, lock_key)
     ex = ShieldedExecutor(model_cfg, splits, embed, norms, num_blocks=1, block_size=1, mode="shielded",
-                          pool_rows=0)
+                          pool_rows=0, locks=locks)
     try:
         quantized, p, vectors = ex.quantized_weights(), int(ex.p), ex.freivalds_vectors()
         keys = ex.layer_keys()
@@ -97,6 +112,7 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
         if s.bias is not None:
             secret[f"{key}.bias"] = s.bias.to(torch.float32).contiguous()
         secret[f"{key}.freivalds_u"] = vectors[key].contiguous()
+        secret.update(locks[key].to_tensors(key))
     for name, t in norms.items():
         secret[f"norm.{name}"] = t.to(torch.float32).contiguous()
     secret["embed"] = embed.to(torch.float32).contiguous()
@@ -135,7 +151,7 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
             "public_manifest_sha256": manifest_sha, "factors_file": FACTORS_FILE,
             "factors_sha256": sha256_file(secret_dir / FACTORS_FILE),
             "shielded_file": SHIELDED_FILE, "shielded_sha256": sha256_file(secret_dir / SHIELDED_FILE),
-            "architecture": arch, "model_type": hf_config.model_type, "p": p,
+            "architecture": arch, "model_type": hf_config.model_type, "p": p, "lock": str(lock_spec),
         }
         (secret_dir / "bundle.json").write_text(json.dumps(bundle, indent=1) + "\n")
         (secret_dir / MANIFEST_FILE).write_text(manifest_text)
@@ -150,5 +166,6 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
         secret_dir.rename(out_dir / "secret")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("protected %d masked GEMMs of %s (protocol shielded, p=%d) into %s", len(entries), arch, p, out_dir)
+    log.info("protected %d masked GEMMs of %s (protocol shielded, p=%d, lock %s) into %s", len(entries), arch, p,
+             lock_spec, out_dir)
     return manifest

@@ -28,6 +28,7 @@ from secure_service.shielded_api import StepRejected
 from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core import wire
 from slip_vllm.core.field import is_prime
+from slip_vllm.core.lock import DEFAULT_LOCK, seed_lock_key
 from slip_vllm.core.manifest import read_public_manifest
 from slip_vllm.host.shielded_client import ShieldedHost, ShieldedServiceError
 from slip_vllm.vendor.protect import ProtectConfig, protect
@@ -82,7 +83,10 @@ def services(artifacts, log_dir):
 
 
 def _reference_executor(model_dir):
-    return ShieldedExecutor.from_checkpoint(model_dir, POLICY, seed=SEED, num_blocks=NUM_BLOCKS,
+    """The in-process executor of the artifacts: same split and, as ``slip protect --seed`` draws
+    it, the same default lock."""
+    return ShieldedExecutor.from_checkpoint(model_dir, POLICY, seed=SEED, lock=DEFAULT_LOCK,
+                                            lock_key=seed_lock_key(SEED), num_blocks=NUM_BLOCKS,
                                             block_size=BLOCK_SIZE, pool_rows=0)
 
 
