@@ -42,9 +42,13 @@ Kinds
   permutations, Q_j Haar-random orthogonal b x b (K = ceil(d / b); when b does not divide d the
   last block is a Haar-random orthogonal r x r, r = d mod b, padded with the identity).  As row
   operations: x @ M = gather(perm_1) -> per-block product -> gather(perm_2).  Costs O(b d) per row
-  and side (``benchmarks/bench_lock.py``), against the m*n of a mask image W_q r.  The products
-  are float64 (a block lock changes the rounding of W_D x: it is part of the fixed-point
-  specification, ``quantize.shielded_linear_reference(..., lock=...)``).
+  and side (``benchmarks/bench_lock.py``), against the m*n of a mask image W_q r.  The service's
+  products (``lock_input``, ``unlock_output``) are float32 (``BLOCK_DTYPE``): their rounding,
+  about sqrt(b) 2^-24 relative, is far below the 16-bit activation fixed point (2^-16) and the
+  int8 weights (2^-8) of the same sum, and float32 products run about 5x faster than float64
+  here; the weight is locked in float64 at protect time (``lock_weight``).  A block lock changes
+  the rounding of W_D x, so it is part of the fixed-point specification
+  (``quantize.shielded_linear_reference(..., lock=...)``), which calls the same functions.
 
 Randomness
 ----------
@@ -70,6 +74,7 @@ __all__ = ["LOCK_KINDS", "DEFAULT_LOCK", "LockSpec", "parse_lock", "SideTransfor
            "gemm_seed", "make_locks", "seed_lock_key"]
 
 LOCK_KINDS = ("none", "perm", "block")
+BLOCK_DTYPE = torch.float32  # the precision of the block products (module docstring, "Kinds")
 DEFAULT_LOCK = "block:32"  # see docs/BENCHMARKS.md "Lock" for the cost and quality that chose it
 _DOMAIN = b"slip-lock/v1"
 
@@ -193,7 +198,9 @@ class SideTransform:
         self.b = 1 if blocks is None else int(blocks.shape[1])
         self._inv_in = _inverse_perm(self.perm_in)
         self._inv_out = None if self.perm_out is None else _inverse_perm(self.perm_out)
-        self._blocks_t = None if blocks is None else blocks.transpose(1, 2).contiguous()
+        # the products run in BLOCK_DTYPE (float32): copies of the float64 blocks, made once
+        self._q = None if blocks is None else blocks.to(BLOCK_DTYPE).contiguous()
+        self._q_t = None if blocks is None else blocks.transpose(1, 2).to(BLOCK_DTYPE).contiguous()
 
     @classmethod
     def draw(cls, stream: _Stream, d: int, kind: str, block: int) -> "SideTransform":
@@ -212,31 +219,39 @@ class SideTransform:
         p_in, p_out = _perm(stream, d), _perm(stream, d)
         return cls(d, torch.from_numpy(p_in), torch.from_numpy(blocks), torch.from_numpy(p_out))
 
-    def _blockwise(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        k, b = int(blocks.shape[0]), self.b
+    def _chain(self, x: torch.Tensor, first: torch.Tensor, blocks_t: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """gather(first) -> per-block products -> gather(last) of x [T, d], in the blocks' dtype,
+        computed on the transposed layout [d, T]: both gathers take whole contiguous rows and the
+        blocks multiply the contiguous [K, b, T] view (y_k^T = Q_k^T x_k^T) in one batched
+        product; the only copies are the transposes in and out (none for T = 1)."""
+        k, b = int(blocks_t.shape[0]), self.b
         t = int(x.shape[0])
-        if k * b != self.d:
-            x = torch.cat([x, x.new_zeros(t, k * b - self.d)], dim=1)
-        y = torch.bmm(x.reshape(t, k, b).transpose(0, 1), blocks)      # [K, T, b]
-        return y.transpose(0, 1).reshape(t, k * b)[:, :self.d]
+        dtype = blocks_t.dtype
+        xt = x.t().to(dtype).contiguous()
+        if k * b == self.d:
+            z = xt.index_select(0, first)
+        else:
+            z = torch.zeros(k * b, t, dtype=dtype)
+            torch.index_select(xt, 0, first, out=z[:self.d])
+        y = torch.bmm(blocks_t.contiguous(), z.view(k, b, t)).view(k * b, t)[:self.d]
+        return y.index_select(0, last).t().contiguous()
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ M for x [T, d] (float64 for a block transform; any dtype for a permutation)."""
-        y = x[:, self.perm_in]
+    def apply(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+        """x @ M for x [T, d]: a block transform computes in ``BLOCK_DTYPE`` (float64 with
+        ``precise``, for weights at protect time); a permutation keeps x's dtype and values."""
         if self.blocks is None:
-            return y
-        return self._blockwise(y.to(torch.float64), self.blocks)[:, self.perm_out]
+            return x.index_select(1, self.perm_in)
+        return self._chain(x, self.perm_in, self.blocks.transpose(1, 2) if precise else self._q_t, self.perm_out)
 
-    def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ M^T for x [T, d]."""
+    def apply_inverse(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+        """x @ M^T for x [T, d] (precision as ``apply``)."""
         if self.blocks is None:
-            return x[:, self._inv_in]
-        y = self._blockwise(x.to(torch.float64)[:, self._inv_out], self._blocks_t)
-        return y[:, self._inv_in]
+            return x.index_select(1, self._inv_in)
+        return self._chain(x, self._inv_out, self.blocks if precise else self._q, self._inv_in)
 
     def matrix(self) -> torch.Tensor:
         """M as a dense float64 [d, d] (tests)."""
-        return self.apply(torch.eye(self.d, dtype=torch.float64))
+        return self.apply(torch.eye(self.d, dtype=torch.float64), precise=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,17 +304,17 @@ class GemmLock:
             raise ValueError(f"W must be [{self.m}, {self.n}]")
         if self.is_identity:
             return w
-        wr = self.in_side.apply(w)                                   # W @ M_in
-        out = self.out_side.apply_inverse(wr.t()).t()                # (W M_in)^T M_out^T = (M_out W M_in)^T
+        wr = self.in_side.apply(w, precise=True)                     # W @ M_in
+        out = self.out_side.apply_inverse(wr.t(), precise=True).t()  # (W M_in)^T M_out^T = (M_out W M_in)^T
         return out.to(w.dtype).contiguous()
 
     def lock_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x' = x @ M_in for x [T, n] (float64 for a block lock; a permutation keeps the dtype)."""
+        """x' = x @ M_in for x [T, n] (``BLOCK_DTYPE`` for a block lock; a permutation keeps the dtype)."""
         self._check(x, self.n, "x")
         return x if self.is_identity else self.in_side.apply(x)
 
     def unlock_output(self, y: torch.Tensor) -> torch.Tensor:
-        """y = y' @ M_out for y' [T, m] (float64 for a block lock; a permutation keeps the dtype)."""
+        """y = y' @ M_out for y' [T, m] (``BLOCK_DTYPE`` for a block lock; a permutation keeps the dtype)."""
         self._check(y, self.m, "y'")
         return y if self.is_identity else self.out_side.apply(y)
 
