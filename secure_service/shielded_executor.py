@@ -174,7 +174,7 @@ def drive(gen: StepGen, host_gemm: HostGemm):
 
 
 def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                policy: Union[RankPolicy, Sequence[RankPolicy]], generator: torch.Generator,
+                policy: Union[RankPolicy, Sequence[RankPolicy]], generator: "BlindingRng",
                 blind: bool = True) -> FusedSplit:
     """Split each part with ``split_matrix`` and fuse: public rows stacked, right factors stacked,
     left factors one block per part.
@@ -328,8 +328,8 @@ def split_checkpoint(model_dir: Union[str, Path], policy, *, seed: int = 0, blin
 
     Returns (config, splits, embed, norms).  policy: a ``RankPolicy`` for every projection, or a
     callable (checkpoint weight name -> ``RankPolicy``).  The matrices are split in a fixed order
-    (per layer: q, k, v, o, gate, up, down; then the LM head) from one generator seeded with
-    ``seed``, so the same seed gives the same split.
+    (per layer: q, k, v, o, gate, up, down; then the LM head) from one blinding stream
+    (``BlindingRng.from_seed(seed)``), so the same seed gives the same split.
     """
     from transformers import AutoConfig
 
@@ -337,7 +337,9 @@ def split_checkpoint(model_dir: Union[str, Path], policy, *, seed: int = 0, blin
     config = AutoConfig.from_pretrained(model_dir)
     _family_module(config)  # refuse unsupported families before any work
     state = _load_state(model_dir)
-    gen = torch.Generator().manual_seed(seed)
+    from slip_vllm.core.decompose import BlindingRng
+
+    gen = BlindingRng.from_seed(seed)  # SHAKE-256 stream; ``slip protect`` passes a 256-bit seed from the OS CSPRNG
     policy_of = (lambda name: policy) if isinstance(policy, RankPolicy) else policy
 
     def get(name: str) -> Optional[torch.Tensor]:

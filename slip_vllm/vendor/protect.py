@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from slip_vllm.core.decompose import RankPolicy, split_matrix
+from slip_vllm.core.decompose import BlindingRng, RankPolicy, split_matrix
 from slip_vllm.core.manifest import (
     KIND_EMBEDDING, KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_IN_OUT, ORIENT_OUT_IN, QUANT_METHOD,
     Manifest, TensorEntry, sha256_bytes,
@@ -259,7 +259,8 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
                            + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
     if getattr(hf_config, "quantization_config", None):
         raise ProtectError("the input checkpoint is already quantized/protected; start from full weights")
-    seed = config.seed if config.seed is not None else secrets.randbits(63)
+    # 256 bits from the OS CSPRNG key the blinding stream (core.decompose.BlindingRng, SHAKE-256)
+    seed = config.seed if config.seed is not None else secrets.randbits(256)
     if config.seed is not None:
         log.warning("fixed blinding seed given: fine for tests, never for a real artifact "
                     "(whoever knows the seed can recompute the blinding spectrum)")
@@ -283,7 +284,7 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
             public_state.pop(key, None)
     entries: list[TensorEntry] = []
     factors: dict[str, torch.Tensor] = {}
-    generator = torch.Generator().manual_seed(seed)
+    generator = BlindingRng.from_seed(seed)
     bar = tqdm(targets, desc="slip protect", unit="matrix", disable=not progress, mininterval=1.0)
     for target in bar:
         key = _resolve_checkpoint_name(target.name, state)
