@@ -51,6 +51,9 @@ def test_dense_matrices_follow_the_documented_convention():
     y = torch.randn(3, m, dtype=torch.float64)
     assert torch.allclose(lock.unlock_output(y).double(), y @ a, atol=1e-5)
     assert torch.allclose(lock.lock_output(lock.unlock_output(y)).double(), y, atol=1e-5)
+    # one row (its own product form) agrees with the same row in a batch
+    assert torch.allclose(lock.lock_input(x[:1]).double(), x[:1] @ b, atol=1e-5)
+    assert torch.allclose(lock.unlock_output(y[:1]).double(), y[:1] @ a, atol=1e-5)
     # the block structure: each coordinate mixes with at most b - 1 others on each side
     assert int((a.abs() > 0).sum(dim=1).max()) <= 4 and int((b.abs() > 0).sum(dim=1).max()) <= 4
     # a real mixing (not a signed permutation): most rows have b nonzeros
