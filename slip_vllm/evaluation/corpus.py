@@ -223,3 +223,137 @@ def build_corpus(spec: CorpusSpec | None = None, root: str | Path | None = None)
         if not corpus.select(s):
             raise RuntimeError(f"corpus has no {s} files; raise max_bytes or change val_percent")
     return corpus
+
+
+# --------------------------------------------------------------------------------------------------
+# the code corpus of the second (GPU) scale
+#
+# Built on THIS machine (the GPU machine has neither this virtual environment nor, necessarily, the
+# same stdlib) and carried there as one xz file. Byte-level tokens, so no tokenizer is trained:
+#
+# * Sources: every ``*.py`` file under the interpreter's stdlib directory (its own ``site-packages``
+#   excluded) and under the project's virtual environment's ``site-packages`` (``sysconfig``'s
+#   ``purelib``), named ``stdlib/<relpath>`` and ``site-packages/<relpath>``.
+# * Files above ``CODE_MAX_FILE_BYTES`` (generated tables) and byte-identical duplicates (vendored
+#   copies; the first name in sorted order keeps the content) are dropped; NUL bytes are removed,
+#   since byte 0 separates documents.
+# * Cap: files are taken in the order of ``sha256("code-cap:" + name)`` while the total stays within
+#   ``max_bytes`` (a spread over all packages, not a prefix of the alphabet).
+# * Validation: a file is in validation when ``sha256("code-val:" + name)`` falls in the lowest
+#   ``val_per_mille`` per mille. Each split is the concatenation of its files in sorted name order,
+#   each followed by byte 0.
+# The digest covers the selection parameters and every selected file's name, split and content hash.
+
+CODE_MAX_FILE_BYTES = 512 * 1024
+CODE_CORPUS_FILE = "code_corpus.bin.xz"
+CODE_MANIFEST_FILE = "code_corpus.json"
+
+
+def _code_sources(roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, Path]]:
+    if roots is None:
+        roots = [("stdlib", stdlib_root()), ("site-packages", Path(sysconfig.get_paths()["purelib"]).resolve())]
+    out = []
+    for tag, root in roots:
+        for path in root.rglob("*.py"):
+            rel = path.relative_to(root).as_posix()
+            if tag == "stdlib" and ("site-packages" in rel.split("/") or "dist-packages" in rel.split("/")):
+                continue
+            out.append((f"{tag}/{rel}", path))
+    out.sort(key=lambda t: t[0])
+    return out
+
+
+def build_code_corpus(out_dir: str | Path, *, max_bytes: int = 72_000_000, val_per_mille: int = 20,
+                      xz_preset: int = 6, roots: list[tuple[str, Path]] | None = None) -> dict:
+    """Select, split and write the code corpus (``out_dir/code_corpus.bin.xz`` + manifest); returns the manifest.
+
+    The xz file holds ``uint8`` bytes: the training stream, then the validation stream; the manifest
+    gives their lengths, the digest and every file. ``roots`` ((tag, directory) pairs) replaces the two
+    default sources (tests use a small one). When no file hashes into validation, the file with the
+    smallest validation hash is moved there, so both streams are never empty.
+    """
+    import lzma
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = _code_sources(roots)
+    order = sorted(sources, key=lambda t: (hashlib.sha256(f"code-cap:{t[0]}".encode()).digest(), t[0]))
+    chosen, seen, total = [], {}, 0
+    for name, path in order:
+        if total >= max_bytes:
+            break
+        try:
+            if not path.is_file() or path.stat().st_size > CODE_MAX_FILE_BYTES:
+                continue
+            data = path.read_bytes().replace(b"\x00", b"")
+        except OSError:
+            continue
+        if not data.strip() or total + len(data) > max_bytes:
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in seen:
+            if name < seen[sha][0]:  # keep the first name in sorted order for this content
+                old = seen[sha]
+                chosen.remove(old)
+                seen[sha] = (name, sha, data)
+                chosen.append(seen[sha])
+            continue
+        seen[sha] = (name, sha, data)
+        chosen.append(seen[sha])
+        total += len(data)
+    chosen.sort(key=lambda t: t[0])
+    vhash = {n: int.from_bytes(hashlib.sha256(f"code-val:{n}".encode()).digest()[:4], "big") for n, _, _ in chosen}
+    split_of = {n: ("val" if vhash[n] % 1000 < val_per_mille else "train") for n in vhash}
+    if len(chosen) >= 2 and "val" not in split_of.values():
+        split_of[min(vhash, key=lambda n: (vhash[n] % 1000, n))] = "val"
+    streams = {s: b"".join(d + b"\x00" for n, _, d in chosen if split_of[n] == s) for s in SPLITS}
+    h = hashlib.sha256(json.dumps({"kind": "code-corpus-v1", "max_bytes": max_bytes, "val_per_mille": val_per_mille,
+                                   "max_file_bytes": CODE_MAX_FILE_BYTES}, sort_keys=True).encode())
+    for n, sha, d in chosen:
+        h.update(f"\n{n}\t{split_of[n]}\t{len(d)}\t{sha}".encode())
+    blob = streams["train"] + streams["val"]
+    with lzma.open(out_dir / CODE_CORPUS_FILE, "wb", preset=xz_preset) as f:
+        f.write(blob)
+    manifest = {
+        "digest": h.hexdigest(), "python": python_tag(), "max_bytes": max_bytes, "val_per_mille": val_per_mille,
+        "max_file_bytes": CODE_MAX_FILE_BYTES, "files": len(chosen),
+        "files_per_split": {s: sum(1 for n in split_of if split_of[n] == s) for s in SPLITS},
+        "train_bytes": len(streams["train"]), "val_bytes": len(streams["val"]),
+        "stream_sha256": hashlib.sha256(blob).hexdigest(),
+        "xz_bytes": (out_dir / CODE_CORPUS_FILE).stat().st_size,
+        "sources": "stdlib/*.py (its site-packages excluded) + the venv's site-packages/*.py",
+        "file_list": [[n, split_of[n], len(d), sha] for n, sha, d in chosen],
+    }
+    (out_dir / CODE_MANIFEST_FILE).write_text(json.dumps(manifest, indent=0))
+    return manifest
+
+
+def load_code_corpus(corpus_dir: str | Path) -> tuple[bytes, bytes, dict]:
+    """(train bytes, val bytes, manifest) of a corpus written by :func:`build_code_corpus`; checks its hash."""
+    import lzma
+
+    corpus_dir = Path(corpus_dir)
+    manifest = json.loads((corpus_dir / CODE_MANIFEST_FILE).read_text())
+    with lzma.open(corpus_dir / CODE_CORPUS_FILE, "rb") as f:
+        blob = f.read()
+    if hashlib.sha256(blob).hexdigest() != manifest["stream_sha256"]:
+        raise RuntimeError(f"code corpus in {corpus_dir} does not match its manifest")
+    n = manifest["train_bytes"]
+    return blob[:n], blob[n:], manifest
+
+
+def main_code_corpus(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m slip_vllm.evaluation.corpus",
+                                 description="Build the byte-level code corpus of the GPU-scale evaluation.")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--max-bytes", type=int, default=72_000_000)
+    args = ap.parse_args(argv)
+    m = build_code_corpus(args.out, max_bytes=args.max_bytes)
+    print(json.dumps({k: v for k, v in m.items() if k != "file_list"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_code_corpus())
