@@ -49,6 +49,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -212,6 +213,7 @@ def sample_tail_spectrum(tail: torch.Tensor, k: int, rng: BlindingRng) -> torch.
 
 
 BLINDING_SCHEMES = ("mixed", "block")
+DEFAULT_BLINDING_SCHEME = "mixed"  # what split_matrix ships; cached evaluation artifacts record it
 MIX_WINDOW = 8        # tail pairs each secret pair is coupled with: its nearest neighbours in value
 MIX_LOCAL_GAIN = 2.0  # local coupling, in units of the mean tail gap around those neighbours
 MIX_GLOBAL_GAIN = 0.1  # dense coupling with every tail pair, in units of tail singular values
@@ -247,7 +249,7 @@ def _mixing(tail: torch.Tensor, rho: torch.Tensor, q1: torch.Tensor, q2: torch.T
 
 
 def split_matrix(weight: torch.Tensor, policy: RankPolicy, rng: BlindingRng,
-                 blind: bool = True, *, scheme: str = "mixed") -> SplitMatrix:
+                 blind: bool = True, *, scheme: str = DEFAULT_BLINDING_SCHEME) -> SplitMatrix:
     """Split ``weight`` [m, n] into secret factors and a public residual.
 
     ``rng`` is the blinding randomness (:class:`BlindingRng`; a ``torch.Generator`` is refused).
@@ -384,8 +386,9 @@ def _overlap(basis: torch.Tensor, guess: torch.Tensor) -> float:
 
 def spectral_gap_attack(original: torch.Tensor, public: torch.Tensor, k: int,
                         secret_left: torch.Tensor | None = None, secret_right: torch.Tensor | None = None,
-                        *, window: int = SPECTRAL_GAP_WINDOW) -> SpectralGapResult:
-    """Run :func:`spectral_gap_select` on W_D and score the singular vectors it picked.
+                        *, window: int = SPECTRAL_GAP_WINDOW, chosen: Sequence[int] | None = None) -> SpectralGapResult:
+    """Run :func:`spectral_gap_select` on W_D and score the singular vectors it picked (``chosen``:
+    score these pair indices instead, e.g. a random pick as the evaluator's chance control).
 
     The evaluator scores the guess against every subspace whose knowledge reduces the secret to a
     k x k core: the top-k singular subspaces of W (the removed directions; left and right) and, when
@@ -396,7 +399,7 @@ def spectral_gap_attack(original: torch.Tensor, public: torch.Tensor, k: int,
     d = public.detach().double()
     u_w, _, vh_w = torch.linalg.svd(w, full_matrices=False)
     u_d, s_d, vh_d = torch.linalg.svd(d, full_matrices=False)
-    chosen = spectral_gap_select(s_d, k, window=window)
+    chosen = spectral_gap_select(s_d, k, window=window) if chosen is None else [int(i) for i in chosen]
     idx = torch.tensor(chosen, dtype=torch.long)
     targets = [("left/top-k of W", u_w[:, :k], u_d[:, idx]), ("right/top-k of W", vh_w[:k].T, vh_d[idx].T)]
     if secret_left is not None:

@@ -5,6 +5,8 @@ What this module owns
 ---------------------
 (a) :func:`subspace_audit`: the null-space attack on every protected matrix of an artifact, with and
     without blinding;
+(a') :func:`spectral_gap_audit`: the prior-free spectral-gap attack (singular values "inserted" among
+    the tail's) on every protected matrix, against the shipped blinding and the earlier block one;
 (b) :func:`split_extraction_audit`: least-squares extraction of W_C from recorded ``split`` traffic;
 (c) :func:`shielded_extraction_audit`: the same attacker's best linear fit on recorded ``shielded``
     traffic;
@@ -46,6 +48,8 @@ MASK_ALPHA = 1e-6
 SUBSPACE_P_VALUE = 1e-4          # (a): blinded matrices: hypergeometric p-value above this ...
 SUBSPACE_CHANCE_FACTOR = 1.5     # ... and overlap below this multiple of chance
 SUBSPACE_LEAK_OVERLAP = 0.95     # (a): an overlap above this recovers the secret subspaces
+SPECTRAL_GAP_TRIALS = 24         # (a'): fresh blindings of every matrix the attack is averaged over
+SPECTRAL_GAP_CHANCE_FACTOR = 1.5  # (a'): holds if every matrix's mean score is <= this x chance
 
 
 # ==================================================================================================
@@ -129,6 +133,115 @@ def subspace_audit(ref_dir: Path, work_dir: Path, fraction: float, *, seed: int 
     rule = (f"unblinded fails if overlap > {SUBSPACE_LEAK_OVERLAP} on every matrix; blinded holds if every "
             f"matrix has p > {SUBSPACE_P_VALUE:g} and mean overlap < {SUBSPACE_CHANCE_FACTOR} x chance")
     return SubspaceAudit(fraction, results, unblinded_verdict, blinded_verdict, rule, time.perf_counter() - t0)
+
+
+# ==================================================================================================
+# (a') the prior-free spectral-gap attack on the public residual
+
+
+@dataclass
+class SpectralGapMatrixResult:
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    chance: float            # k / min(m, n)
+    published_ratio: float   # score / chance of the attack on the artifact's own W_D (one draw)
+    mixed_ratio: float       # mean over fresh blindings, shipped scheme
+    block_ratio: float       # mean over fresh blindings, the earlier block scheme
+    control_ratio: float     # k random pairs of each fresh shipped W_D, scored the same way
+    mixed_side: str          # the target the attack did best on most often (shipped scheme)
+
+
+@dataclass
+class SpectralGapAudit:
+    model: str
+    fraction: float
+    trials: int
+    matrices: list[SpectralGapMatrixResult]
+    mixed_mean: float
+    mixed_max: float
+    block_mean: float
+    control_mean: float
+    verdict: str
+    block_verdict: str
+    rule: str
+    seconds: float
+
+
+def spectral_gap_audit(model_dir: Path, work_dir: Path, fraction: float, *, label: str = "reference",
+                       trials: int = SPECTRAL_GAP_TRIALS, seed: int = q.EVAL_PROTECT_SEED) -> SpectralGapAudit:
+    """Attack (a') on every protected matrix of ``model_dir``'s ``split`` artifact.
+
+    Protocol:
+      1. ``slip protect`` (blinding on, the shipped scheme) at the rank fraction; the attacker runs
+         ``decompose.spectral_gap_select`` on each published W_D: prior-free, it uses W_D's spectrum
+         only and greedily removes the k singular values whose removal leaves the most typical gaps
+         (an inserted value splits a gap, a genuine one does not);
+      2. the evaluator scores the singular vectors of the picked pairs (``decompose.spectral_gap_attack``):
+         mean squared cosine with the best of four secret subspaces (top-k of W left/right, column
+         and row space of W_C), over chance k / min(m, n);
+      3. one draw is noisy (k picks), so the same matrix W is split again ``trials`` times with fresh
+         blinding streams under the shipped ``mixed`` and the earlier ``block`` scheme and the scores
+         averaged; a control scores k random pairs of each fresh shipped W_D the same way (the level
+         that "chance" means for this score, which takes the best of four targets).
+    Verdict: holds if every matrix's mean score under ``mixed`` is <= 1.5 x chance; the block scheme
+    "leaks" if its mean over the matrices exceeds 1.5 x chance.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from slip_vllm.core.decompose import BlindingRng, RankPolicy, spectral_gap_attack, split_matrix
+    from slip_vllm.core.manifest import ORIENT_IN_OUT, read_public_manifest
+
+    t0 = time.perf_counter()
+    original = load_file(str(next(Path(model_dir).glob("*.safetensors"))))
+    out = q.protect_reference(model_dir, Path(work_dir) / f"spectral-{label}-{q._tag(fraction)}", protocol="split",
+                              fraction=fraction, seed=seed, blinding=True)
+    manifest, _ = read_public_manifest(out / "public")
+    public = load_file(str(out / "public" / "model.safetensors"))
+    factors = load_file(str(out / "secret" / "factors.safetensors"))
+    control_rng = np.random.default_rng(seed)
+    results = []
+    for entry in manifest.tensors:
+        orient = (lambda t: t.T) if entry.orientation == ORIENT_IN_OUT else (lambda t: t)
+        w = orient(original[entry.name].float()).contiguous()
+        k = entry.rank
+        shipped = spectral_gap_attack(w, orient(public[entry.name].float()), k, factors[f"t{entry.id}.left"],
+                                      factors[f"t{entry.id}.right"])
+        ratios: dict[str, list[float]] = {"mixed": [], "block": [], "control": []}
+        sides: dict[str, int] = defaultdict(int)
+        for scheme in ("mixed", "block"):
+            key = hashlib.shake_256(f"spectral-gap|{seed}|{label}|{entry.name}|{scheme}".encode()).digest(32)
+            rng = BlindingRng(key)
+            for _ in range(trials):
+                sp = split_matrix(w, RankPolicy(absolute=k), rng, scheme=scheme)
+                res = spectral_gap_attack(w, sp.public, k, sp.left, sp.right)
+                ratios[scheme].append(res.overlap / res.chance)
+                if scheme == "mixed":
+                    sides[res.side] += 1
+                    pick = control_rng.choice(min(w.shape), size=k, replace=False)
+                    ctl = spectral_gap_attack(w, sp.public, k, sp.left, sp.right, chosen=pick)
+                    ratios["control"].append(ctl.overlap / ctl.chance)
+        results.append(SpectralGapMatrixResult(
+            entry.name, tuple(entry.shape), k, shipped.chance, shipped.overlap / shipped.chance,
+            float(np.mean(ratios["mixed"])), float(np.mean(ratios["block"])), float(np.mean(ratios["control"])),
+            max(sides, key=sides.get)))
+    mixed_mean = float(np.mean([r.mixed_ratio for r in results]))
+    block_mean = float(np.mean([r.block_ratio for r in results]))
+    control_mean = float(np.mean([r.control_ratio for r in results]))
+    worst = max(results, key=lambda r: r.mixed_ratio)
+    holds = worst.mixed_ratio <= SPECTRAL_GAP_CHANCE_FACTOR
+    verdict = (f"{'holds' if holds else 'protection fails'}: shipped blinding, mean {mixed_mean:.2f} x chance over "
+               f"{len(results)} matrices (random-pick control {control_mean:.2f} x), worst {worst.mixed_ratio:.2f} x on "
+               f"{worst.name}")
+    block_verdict = (f"{'leaks' if block_mean > SPECTRAL_GAP_CHANCE_FACTOR else 'at chance'}: earlier block "
+                     f"blinding, mean {block_mean:.2f} x chance (max {max(r.block_ratio for r in results):.2f} x)")
+    rule = (f"score = mean squared cosine of the picked singular vectors with the best of four secret subspaces, "
+            f"over chance k/min(m,n), averaged over {trials} fresh blindings per matrix; holds if every matrix is "
+            f"<= {SPECTRAL_GAP_CHANCE_FACTOR} x chance")
+    return SpectralGapAudit(label, fraction, trials, results, mixed_mean, worst.mixed_ratio, block_mean, control_mean,
+                            verdict, block_verdict, rule, time.perf_counter() - t0)
 
 
 # ==================================================================================================

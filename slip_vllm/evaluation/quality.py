@@ -195,7 +195,7 @@ def score_server(base_url: str, evalset: EvalSet, *, model_name: str = "m", conc
 def protect_reference(ref_dir: Path, out_dir: Path, *, protocol: str, fraction: float,
                       seed: int = EVAL_PROTECT_SEED, blinding: bool = True) -> Path:
     """``slip protect`` of the reference model at a rank fraction (reuses a complete earlier output)."""
-    from slip_vllm.core.decompose import RankPolicy
+    from slip_vllm.core.decompose import DEFAULT_BLINDING_SCHEME, RankPolicy
     from slip_vllm.vendor.protect import ProtectConfig, protect
 
     stamp = out_dir / ".eval-stamp.json"
@@ -203,7 +203,7 @@ def protect_reference(ref_dir: Path, out_dir: Path, *, protocol: str, fraction: 
     # the stamp names the exact input weights, so a retrained reference model is never paired with a stale artifact
     weights = {f.name: f.stat().st_mtime_ns for f in sorted(ref_dir.glob("*.safetensors"))}
     want = {"ref": str(ref_dir), "protocol": protocol, "fraction": fraction, "seed": seed, "blinding": blinding,
-            "weights": weights}
+            "blinding_scheme": DEFAULT_BLINDING_SCHEME, "weights": weights}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return out_dir
     cfg = ProtectConfig(protocol=protocol, default_rank=RankPolicy(fraction=fraction), blinding=blinding, seed=seed)

@@ -12,8 +12,9 @@ fine-tuning the public residual, LoRA, from scratch, distillation; the public-pr
 Sections, in order (each timed; a section that raises is reported as a gap, never as numbers):
   1. reference model: the cached model of the preset (trained on first use), its metrics;
   2. quality and rank sweep (served rows start real ``vllm serve`` processes);
-  3. audits (a) subspace, (b) split extraction, recorded shielded run, (c) shielded extraction,
-     (d) mask freshness;
+  3. audits (a) subspace, (a') spectral gap (reference model and the fine-tuned public-prior
+     checkpoint), (b) split extraction, recorded shielded run, (c) shielded extraction, (d) mask
+     freshness;
   4. recovery attacks at the attack rank fraction, then the public-prior attack;
   5. the rank recommendation (needs 2 and 4), plots, the markdown.
 
@@ -68,6 +69,8 @@ class Plan:
     # recovery attacks repeated at these larger ranks (fine-tuning, LoRA, scratch, distillation), so
     # the rank rule's recovery gate can be checked above the attack rank; public prior: attack rank only
     extra_attack_fractions: tuple[float, ...] = ()
+    spectral_gap_trials: int = au.SPECTRAL_GAP_TRIALS  # audit (a'): fresh blindings per matrix
+    spectral_gap_finetuned: bool = True  # audit (a') also on the fine-tuned public-prior checkpoint
 
 
 FULL_PLAN = Plan(preset="full", eval_tokens=32_768, fractions=q.DEFAULT_FRACTIONS, default_fraction=0.125,
@@ -78,7 +81,8 @@ FULL_PLAN = Plan(preset="full", eval_tokens=32_768, fractions=q.DEFAULT_FRACTION
 # second swept rank gets its residual row only, and so cannot pass the rule's exactness gate).
 SMOKE_PLAN = Plan(preset="tiny", eval_tokens=4_096, fractions=(0.125, 0.25), default_fraction=0.125,
                   attack_fraction=0.125, budgets=(0.001, 0.01, 0.1), shielded_tokens=4_096, ls_eval_tokens=2_048,
-                  serve_stock=False, serve_split_fractions=(0.125,))
+                  serve_stock=False, serve_split_fractions=(0.125,), spectral_gap_trials=12,
+                  spectral_gap_finetuned=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +349,17 @@ def run_report(plan: Plan, out: Path, work_dir: Path, *, command: str, serve: bo
     run.results["subspace"] = run.section("audit (a): subspace attack", lambda: au.subspace_audit(
         ref_dir, work_dir, plan.default_fraction))
 
+    def spectral_gap(which: str):
+        model_dir = ref_dir if which == "reference" else rm.get_base_finetune_pair(None, cfg, progress=True)[1]
+        return au.spectral_gap_audit(model_dir, work_dir, plan.default_fraction, label=which,
+                                     trials=plan.spectral_gap_trials)
+
+    run.results["spectral_gap"] = run.section("audit (a'): spectral-gap attack, reference model",
+                                              lambda: spectral_gap("reference"))
+    if plan.spectral_gap_finetuned:
+        run.results["spectral_gap_finetuned"] = run.section(
+            "audit (a'): spectral-gap attack, fine-tuned public-prior checkpoint", lambda: spectral_gap("finetuned"))
+
     def split_ls():
         art = q.protect_reference(ref_dir, work_dir / f"split-{q._tag(plan.default_fraction)}", protocol="split",
                                   fraction=plan.default_fraction)
@@ -460,6 +475,10 @@ def _verdict_rows(run: Run) -> list[list[str]]:
     if R.get("subspace") is not None:
         rows.append(["(a) subspace attack, unblinded residual", R["subspace"].unblinded_verdict])
         rows.append(["(a) subspace attack, blinded residual (shipped)", R["subspace"].blinded_verdict])
+    for key, what in (("spectral_gap", "reference model"), ("spectral_gap_finetuned", "fine-tuned checkpoint")):
+        if R.get(key) is not None:
+            rows.append([f"(a') spectral-gap attack, earlier block blinding ({what})", R[key].block_verdict])
+            rows.append([f"(a') spectral-gap attack, shipped blinding ({what})", R[key].verdict])
     if R.get("split_extraction") is not None:
         rows.append(["(b) least-squares extraction of W_C from `split` traffic", R["split_extraction"].verdict])
     if R.get("shielded_extraction") is not None:
@@ -652,6 +671,27 @@ def _render_audits(L, R, plots):
                    [[m.name.removesuffix(".weight"), f"{m.shape[0]}x{m.shape[1]}", m.rank, f"{m.chance:.3f}",
                      f"{m.unblinded_overlap:.3f}", f"{m.unblinded_p:.1e}", f"{m.blinded_overlap:.3f}",
                      f"{m.blinded_p:.2g}"] for m in sa.matrices]))
+        add("")
+    add("### (a') Prior-free spectral-gap attack on the public residual\n")
+    run_finetuned = "spectral_gap_finetuned" in R
+    for key, what in (("spectral_gap", "the reference model"), ("spectral_gap_finetuned",
+                                                               "the fine-tuned checkpoint of the public-prior pair")):
+        sg: au.SpectralGapAudit | None = R.get(key)
+        if sg is None:
+            if key == "spectral_gap" or run_finetuned:
+                add(f"_{what}: not available._\n")
+            continue
+        add(f"**{what}** (`split` artifact at rank {q.frac_label(sg.fraction)}). Protocol: the attacker sees W_D only "
+            f"and greedily removes the k singular values whose removal leaves the most typical gaps "
+            f"(`decompose.spectral_gap_select`); the evaluator scores the picked singular vectors "
+            f"(`decompose.spectral_gap_attack`). Rule: {sg.rule}.\n")
+        add(f"* earlier block blinding: **{sg.block_verdict}**")
+        add(f"* shipped blinding: **{sg.verdict}**\n")
+        add(_table(["matrix", "shape", "k", "chance", "published W_D", f"shipped (mean of {sg.trials})",
+                    f"block (mean of {sg.trials})", "random-pick control"],
+                   [[m.name.removesuffix(".weight"), f"{m.shape[0]}x{m.shape[1]}", m.rank, f"{m.chance:.3f}",
+                     f"{m.published_ratio:.2f}x", f"{m.mixed_ratio:.2f}x", f"{m.block_ratio:.2f}x",
+                     f"{m.control_ratio:.2f}x"] for m in sg.matrices]))
         add("")
     ls: au.SplitExtractionAudit | None = R.get("split_extraction")
     add("### (b) Least-squares extraction of W_C from `split` traffic\n")
