@@ -309,15 +309,21 @@ class GemmLock:
             raise ValueError(f"{what} must be a 2-D tensor [T, {cols}], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
-    def lock_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """W' = M_out @ W @ M_in for W [m, n] (computed in float64 for a block lock, returned in W's dtype)."""
+    def lock_weight(self, w: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """W' = M_out @ W @ M_in for W [m, n] (computed in float64 for a block lock, returned in W's
+        dtype), ``chunk`` rows (then columns) at a time, so a large LM head needs one float64
+        buffer of W's size and no full-size temporaries."""
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or tuple(w.shape) != (self.m, self.n):
             raise ValueError(f"W must be [{self.m}, {self.n}]")
         if self.is_identity:
             return w
-        wr = self.in_side.apply(w, precise=True)                     # W @ M_in
-        out = self.out_side.apply_inverse(wr.t(), precise=True).t()  # (W M_in)^T M_out^T = (M_out W M_in)^T
-        return out.to(w.dtype).contiguous()
+        mid = torch.empty(self.m, self.n, dtype=w.dtype if self.exact else torch.float64)
+        for r in range(0, self.m, chunk):                                # W @ M_in, rows at a time
+            mid[r:r + chunk] = self.in_side.apply(w[r:r + chunk], precise=True)
+        out = torch.empty(self.m, self.n, dtype=w.dtype)
+        for c in range(0, self.n, chunk):                                # M_out @ (W M_in), columns at a time
+            out[:, c:c + chunk] = self.out_side.apply_inverse(mid[:, c:c + chunk].t(), precise=True).t()
+        return out
 
     def lock_input(self, x: torch.Tensor) -> torch.Tensor:
         """x' = x @ M_in for x [T, n] (``BLOCK_DTYPE`` for a block lock; a permutation keeps the dtype)."""

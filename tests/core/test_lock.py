@@ -46,6 +46,7 @@ def test_dense_matrices_follow_the_documented_convention():
     eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
     assert torch.allclose(a @ a.t(), eye_m, atol=1e-12) and torch.allclose(b @ b.t(), eye_n, atol=1e-12)
     assert torch.allclose(lock.lock_weight(w), a @ w @ b, atol=1e-12)
+    assert torch.allclose(lock.lock_weight(w, chunk=3), a @ w @ b, atol=1e-12)  # chunked rows and columns
     # activations: float32 products (BLOCK_DTYPE), to float32 rounding
     assert torch.allclose(lock.lock_input(x).double(), x @ b, atol=1e-5)
     y = torch.randn(3, m, dtype=torch.float64)
