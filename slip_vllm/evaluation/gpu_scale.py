@@ -843,7 +843,9 @@ def run_grid(corpus_dir: Path, c: ScaleConfig, out: Path, *, device: str, deadli
                 break
         if stopped:
             break
-    res.complete = not stopped and only is None
+    res.complete = not stopped
+    if only is not None:
+        res.notes.append("only these attacks were run: " + ", ".join(only))
     if stopped:
         res.notes.append(f"stopped at the time limit ({deadline_s:.0f} s) before every row was run")
     v = verdicts(res.rows, c.budgets)
@@ -874,75 +876,176 @@ def render_section(results: list[dict]) -> str:
              f"artifact **holds** at a budget when the best attack that uses it (best learning rate) reaches a "
              f"perplexity >= {HOLD_FACTOR} x the best artifact-free attack at the same budget; in the "
              "public-prior scenario the floor also includes the public base model as is and fine-tuned by distillation.\n")
+    L.append("To regenerate: (1) on the development machine `python -m slip_vllm.evaluation.corpus --out "
+             ".cache/gpu_corpus` (the corpus, 10.5 MB of xz, carried to the GPU machine); (2) there `python -m "
+             "slip_vllm.evaluation.gpu_scale run --corpus .cache/gpu_corpus --preset mid --out "
+             "docs/security_eval/gpu_scale_mid.json` (the whole grid; about 15 min on one H200; each committed file "
+             "names the exact command of its part); (3) here `python -m slip_vllm.evaluation.gpu_scale render "
+             "--results docs/security_eval/gpu_scale_*.json --report docs/SECURITY_EVAL.md` (the CPU report "
+             "splices the same files back in whenever it is regenerated).\n")
     for r in results:
+        r = finish_results(r)
         c = r["config"]
         ref = r["reference"]
-        # the public base model as is is a zero-training attack at every budget (older runs lack the rows)
-        if ref.get("base_val_ppl") and not any(x["attack"] == "base-only" for x in r["rows"]):
-            r["rows"] = r["rows"] + [dataclasses.asdict(Row("base-only", "none", "public-prior", b, 0.0, 0, 0, 0,
-                                                            ref["base_val_ppl"], 0.0, "the public base model as is "
-                                                            "(no training; from the run's base perplexity)"))
-                                     for b in c["budgets"]]
-        # verdicts always from the rows (a run stopped at its limit wrote rows but no verdicts)
-        r["verdicts"] = verdicts(r["rows"], c["budgets"])
-        r["recommendation"] = recommend(r["verdicts"], c["budgets"])
-        corp = r["corpus"]
-        L.append(f"### Preset `{r['preset']}`: {ref['n_params']:,} parameters, {r['device']}\n")
+        L.append(f"### Preset `{r['preset']}`, budgets {', '.join(f'{100 * b:g} %' for b in c['budgets'])}: "
+                 f"{ref['n_params']:,} parameters, {r['device']}\n")
+        if r.get("_file"):
+            L.append(f"* results: [{r['_file']}]({r['_file']})")
         L.append(f"* command: `{r.get('command', '')}`")
+        corp = r["corpus"]
         L.append(f"* corpus: byte-level, {corp['train_bytes']:,} training / {corp['val_bytes']:,} validation bytes "
                  f"from {corp['files']:,} `.py` files ({corp['sources']}), digest `{corp['digest'][:16]}…`, "
                  f"xz {corp['xz_bytes']:,} bytes (`python -m slip_vllm.evaluation.corpus --out .cache/gpu_corpus`)")
-        L.append(f"* model: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, SwiGLU {c['inter']}, "
-                 f"windows of {c['seq_len']} bytes; base trained {c['base_tokens']:,} tokens on the site-packages part, "
-                 f"reference = base fine-tuned {c['finetune_tokens']:,} tokens on the whole training stream; "
-                 f"budgets are fractions of {c['base_tokens'] + c['finetune_tokens']:,} tokens")
-        L.append(f"* reference perplexity per byte {ref['val_ppl']:.3f} (base {ref['base_val_ppl']:.3f}); weights "
-                 f"sha256 `{ref['weights_sha256'][:16]}…`; artifacts built at rank fraction {c['rank_fraction']}, "
-                 f"max reconstruction error {r['artifacts'].get('max_relative_error', float('nan')):.1e}")
-        arts = r["artifacts"]
-        zero = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in arts.items() if k.endswith("_ppl"))
-        L.append(f"* artifacts without training: {zero}")
-        L.append(f"* learning rates swept {c['lr_grid']} at budgets {c['sweep_budgets']}; other budgets use the best "
-                 f"rate of the largest swept budget; total {r['timings'].get('total', 0) / 60:.1f} min")
-        if not r.get("complete"):
-            L.append("* **incomplete run**: " + "; ".join(r.get("notes", [])) + " (rows missing below were not run)")
-        L.append("")
-        L.append("| artifact | scenario | " + " | ".join(f"{100 * b:g} %" for b in c["budgets"]) + " |")
-        L.append("|---|---|" + "---|" * len(c["budgets"]))
-        for art, scen in sorted(r.get("verdicts", {}).items()):
-            for s, cells in scen.items():
-                line = []
-                for b in c["budgets"]:
-                    cell = cells.get(str(b))
-                    if cell is None:
-                        line.append("not run")
-                    else:
-                        v = cell["verdict"]
-                        line.append(f"{'**fails**' if v == 'fails' else 'holds'} {cell['ratio']:.3f} "
-                                    f"({cell['best_attack']} {cell['attack_ppl']:.3f} vs {cell['floor_attack']} "
-                                    f"{cell['floor_ppl']:.3f})")
-                L.append(f"| {art} | {s} | " + " | ".join(line) + " |")
-        L.append("")
-        rec = r.get("recommendation", {})
-        L.append(f"**Recommendation at this scale:** {rec.get('text', 'not computed')}.\n")
-        L.append("All rows (perplexity per byte on validation; best learning rate in bold):\n")
-        L.append("| attack | artifact | scenario | budget | lr | tokens | steps | batch | val ppl | s | note |")
-        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        best = {}
-        for row in r["rows"]:
-            k = (row["attack"], row["budget"])
-            if k not in best or row["val_ppl"] < best[k]:
-                best[k] = row["val_ppl"]
-        for row in r["rows"]:
-            p = f"{row['val_ppl']:.3f}"
-            if best[(row["attack"], row["budget"])] == row["val_ppl"]:
-                p = f"**{p}**"
-            L.append(f"| {row['attack']} | {row['artifact']} | {row['scenario']} | {100 * row['budget']:g} % | "
-                     f"{row['lr']:g} | {row['tokens']:,} | {row['steps']} | {row['batch']} | {p} | "
-                     f"{row['train_seconds']:.1f} | {row['note']} |")
-        L.append("")
+        L.extend(_render_body(r))
+    for preset in sorted({r["preset"] for r in results}):
+        L.extend(_render_combined(preset, [finish_results(r) for r in results if r["preset"] == preset]))
+    L.append("### Limits of these runs\n")
+    L.extend(f"* {x}" for x in LIMITS)
+    L.append("")
     L.append(MARK_END)
     return "\n".join(L)
+
+
+ALL_BUDGETS = (0.001, 0.01, 0.1, 0.3)
+
+
+def combine(runs: list[dict]) -> dict:
+    """Per artifact: the verdict cells of every run of one preset, by budget (each run judged against its own
+    floors: GPU training is not bit-reproducible, so runs have slightly different reference models)."""
+    cells: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        for art, scen in r["verdicts"].items():
+            for s, by_budget in scen.items():
+                for b, cell in by_budget.items():
+                    cells.setdefault(art, {}).setdefault(b, []).append({**cell, "scenario": s, "budget": float(b),
+                                                                         "run": r.get("_file", r.get("command", ""))})
+    out = {}
+    for art, by_budget in cells.items():
+        measured = sorted(float(b) for b in by_budget)
+        worst = min((c for cs in by_budget.values() for c in cs), key=lambda c: c["ratio"])
+        out[art] = {"budgets": measured, "every_budget": all(b in measured for b in ALL_BUDGETS),
+                    "holds_everywhere": all(c["verdict"] == "holds" for cs in by_budget.values() for c in cs),
+                    "worst": worst}
+    return out
+
+
+def _render_combined(preset: str, runs: list[dict]) -> list[str]:
+    comb = combine(runs)
+    L = [f"### Preset `{preset}`: every run together\n",
+         "Worst ratio over every budget, scenario and run (each cell against its own run's floor):\n",
+         "| artifact | budgets measured | verdict everywhere | worst cell |", "|---|---|---|---|"]
+    for art, c in sorted(comb.items(), key=lambda kv: -kv[1]["worst"]["ratio"]):
+        w = c["worst"]
+        L.append(f"| {art} | {', '.join(f'{100 * b:g} %' for b in c['budgets'])} | "
+                 f"{'holds' if c['holds_everywhere'] else '**fails somewhere**'} | {w['ratio']:.3f} at "
+                 f"{100 * w['budget']:g} % ({w['scenario']}: {w['best_attack']} "
+                 f"{w['attack_ppl']:.3f} vs {w['floor_attack']} {w['floor_ppl']:.3f}) |")
+    L.append("")
+    return L
+
+
+RESULTS_GLOB = "gpu_scale_*.json"
+
+# What the committed runs (docs/security_eval/gpu_scale_*.json) did not do; update with the runs.
+LIMITS = (
+    "The device time of one session (15 min for this grid) allowed two runs of the `mid` preset: the first "
+    "(every attack, rates 1e-3 and 3e-3) stopped at its limit after the 0.1 % and 1 % budgets (and part of the "
+    "alignment rows); the second ran 10 % and 30 % for the floors, the fine-tuning attacks and the public-prior "
+    "floor with one rate each (1e-3, the best at 1 % for every fine-tuning attack in the first run; "
+    "`base-distill` 3e-4, below the first run's best, which was its smallest rate); `base-distill` at 30 % was "
+    "cut by the limit. So the rates at 10 % and 30 % are not swept.",
+    "Relinking (`*-relink`, with its own floor `distill-relink`), alignment to the base (`*-align`) and top-20 "
+    "distillation ran only at 0.1 % and 1 %; there they were no better than plain fine-tuning of the same "
+    "artifact. Whether relinking or alignment gains at 10-30 % is not measured.",
+    "One seed per row and no repeats: the run-to-run spread is not measured, so ratios within a few per cent "
+    "of each other (e.g. `shielded` vs `shielded+block:32`) do not rank the artifacts. GPU training is not "
+    "bit-reproducible: the two runs' reference models differ slightly (validation 3.645 vs 3.629), which is "
+    "why each cell is judged against its own run's floor.",
+    "Even at 30 % (9 M bytes) every attacker is far from the reference (best 7.6 vs 3.63 per byte): a head "
+    "start that appears only closer to convergence is not tested by these budgets.",
+    "The alignment attack as implemented matched the locked GEMMs to the base's poorly (mean row cosine 0.13 "
+    "after alignment): it compares the residual, which lacks the top singular part, with the whole base "
+    "matrix. Matching against the base's own residual (its top-k part removed) would be the stronger form; it "
+    "is not run, so the alignment rows are a weak lower bound on that attack.",
+    "Public-prior scenario: the base alone is within 6 % of the reference (3.85-3.88 vs 3.63-3.65), so the "
+    "secret part of the fine-tune is small and this scenario's verdicts say little beyond 'no artifact attack "
+    "beat the public base model'.",
+    "The `small` preset (3.4 M parameters, the same grid) was not run: no device time was left. The CPU "
+    "report's section 4 (5 M-parameter BPE model) is the small scale, with the older attack set (its "
+    "distillation starts from the residual and only `split` is attacked there).",
+)
+
+
+def finish_results(r: dict) -> dict:
+    """Add zero-training base-only rows if missing and recompute verdicts and recommendation from the rows."""
+    r = dict(r)
+    c, ref = r["config"], r["reference"]
+    if ref.get("base_val_ppl") and not any(x["attack"] == "base-only" for x in r["rows"]):
+        r["rows"] = r["rows"] + [dataclasses.asdict(Row("base-only", "none", "public-prior", b, 0.0, 0, 0, 0,
+                                                        ref["base_val_ppl"], 0.0, "the public base model as is "
+                                                        "(no training; from the run's base perplexity)"))
+                                 for b in c["budgets"]]
+    r["verdicts"] = verdicts(r["rows"], c["budgets"])
+    r["recommendation"] = recommend(r["verdicts"], c["budgets"])
+    return r
+
+
+def _render_body(r: dict) -> list[str]:
+    L: list[str] = []
+    c = r["config"]
+    ref = r["reference"]
+    L.append(f"* model: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, SwiGLU {c['inter']}, "
+             f"windows of {c['seq_len']} bytes; base trained {c['base_tokens']:,} tokens on the site-packages part, "
+             f"reference = base fine-tuned {c['finetune_tokens']:,} tokens on the whole training stream; "
+             f"budgets are fractions of {c['base_tokens'] + c['finetune_tokens']:,} tokens")
+    L.append(f"* reference perplexity per byte {ref['val_ppl']:.3f} (base {ref['base_val_ppl']:.3f}); weights "
+             f"sha256 `{ref['weights_sha256'][:16]}…`; artifacts built at rank fraction {c['rank_fraction']}, "
+             f"max reconstruction error {r['artifacts'].get('max_relative_error', float('nan')):.1e}")
+    arts = r["artifacts"]
+    zero = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in arts.items() if k.endswith("_ppl"))
+    L.append(f"* artifacts without training: {zero}")
+    L.append(f"* learning rates swept {c['lr_grid']} at budgets {c['sweep_budgets']}; other budgets use the best "
+             f"rate of the largest swept budget; total {r['timings'].get('total', 0) / 60:.1f} min")
+    if not r.get("complete"):
+        L.append("* **incomplete run** (rows missing below were not run)")
+    for note in r.get("notes", []):
+        L.append(f"* note: {note}")
+    L.append("")
+    L.append("| artifact | scenario | " + " | ".join(f"{100 * b:g} %" for b in c["budgets"]) + " |")
+    L.append("|---|---|" + "---|" * len(c["budgets"]))
+    for art, scen in sorted(r.get("verdicts", {}).items()):
+        for s, cells in scen.items():
+            line = []
+            for b in c["budgets"]:
+                cell = cells.get(str(b))
+                if cell is None:
+                    line.append("not run")
+                else:
+                    v = cell["verdict"]
+                    line.append(f"{'**fails**' if v == 'fails' else 'holds'} {cell['ratio']:.3f} "
+                                f"({cell['best_attack']} {cell['attack_ppl']:.3f} vs {cell['floor_attack']} "
+                                f"{cell['floor_ppl']:.3f})")
+            L.append(f"| {art} | {s} | " + " | ".join(line) + " |")
+    L.append("")
+    rec = r.get("recommendation", {})
+    L.append(f"**Recommendation at this scale:** {rec.get('text', 'not computed')}.\n")
+    L.append("All rows (perplexity per byte on validation; best learning rate in bold):\n")
+    L.append("| attack | artifact | scenario | budget | lr | tokens | steps | batch | val ppl | s | note |")
+    L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    best = {}
+    for row in r["rows"]:
+        k = (row["attack"], row["budget"])
+        if k not in best or row["val_ppl"] < best[k]:
+            best[k] = row["val_ppl"]
+    for row in r["rows"]:
+        p = f"{row['val_ppl']:.3f}"
+        if best[(row["attack"], row["budget"])] == row["val_ppl"]:
+            p = f"**{p}**"
+        L.append(f"| {row['attack']} | {row['artifact']} | {row['scenario']} | {100 * row['budget']:g} % | "
+                 f"{row['lr']:g} | {row['tokens']:,} | {row['steps']} | {row['batch']} | {p} | "
+                 f"{row['train_seconds']:.1f} | {row['note']} |")
+    L.append("")
+    return L
 
 
 def splice(report: Path, section: str) -> None:
@@ -989,7 +1092,14 @@ def main(argv: list[str] | None = None) -> int:
                  only=tuple(args.only) if args.only else None, budget_config=over,
                  attack_lr={a.split("=")[0]: float(a.split("=")[1]) for a in args.attack_lr})
         return 0
-    section = render_section([json.loads(p.read_text()) for p in args.results])
+    import os
+
+    loaded = []
+    for p in args.results:
+        r = json.loads(p.read_text())
+        r["_file"] = Path(os.path.relpath(p.resolve(), args.report.resolve().parent)).as_posix()
+        loaded.append(r)
+    section = render_section(loaded)
     splice(args.report, section)
     return 0
 

@@ -457,16 +457,44 @@ def _write(run: Run, out: Path, images: Path, t_start: float) -> None:
     md = render(run, plots, total)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
+    # Section 5 (the GPU scale) is measured elsewhere (`gpu_scale run` on the GPU); its results files
+    # live beside results.json and are spliced back in on every CPU regeneration.
+    gpu = _gpu_scale_results(images)
+    if gpu:
+        from slip_vllm.evaluation import gpu_scale
+
+        gpu_scale.splice(out, gpu_scale.render_section(gpu))
     (images / "results.json").write_text(json.dumps(_jsonable({
         "command": run.command, "date": run.started.isoformat(), "machine": machine_description(),
         "total_seconds": total, "plan": run.plan, "sections": run.sections, "gaps": run.gaps,
         "results": {k: v for k, v in R.items() if k != "shielded_run"},
+        "gpu_scale": [{"file": g["_file"], "preset": g["preset"], "reference": g["reference"],
+                       "verdicts": g["verdicts"], "recommendation": g["recommendation"]} for g in gpu],
+        "gpu_scale_combined": _gpu_scale_combined(gpu),
         "shielded_run": None if R.get("shielded_run") is None else {
             k: getattr(R["shielded_run"], k) for k in ("fraction", "p", "windows", "tokens", "host_rows", "host_calls",
                                                         "mask_rows_recorded", "mask_unique_rows", "mask_duplicates",
                                                         "mask_provider_stats", "seconds")},
     }), indent=1))
     run.log(f"report written to {out} ({total:.0f} s)")
+
+
+def _gpu_scale_results(images: Path) -> list[dict]:
+    """The GPU-scale results files (``gpu_scale_*.json`` beside results.json), verdicts recomputed from their rows."""
+    from slip_vllm.evaluation import gpu_scale
+
+    out = []
+    for path in sorted(images.glob(gpu_scale.RESULTS_GLOB)):
+        r = json.loads(path.read_text())
+        r["_file"] = f"{IMAGES_DIR}/{path.name}"
+        out.append(gpu_scale.finish_results(r))
+    return out
+
+
+def _gpu_scale_combined(gpu: list[dict]) -> dict:
+    from slip_vllm.evaluation import gpu_scale
+
+    return {p: gpu_scale.combine([g for g in gpu if g["preset"] == p]) for p in sorted({g["preset"] for g in gpu})}
 
 
 def _verdict_rows(run: Run) -> list[list[str]]:

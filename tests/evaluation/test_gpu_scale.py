@@ -100,11 +100,13 @@ def test_micro_grid_runs_end_to_end(corpus, tmp_path):
     r = json.loads(out.read_text())
     got = {(x["attack"], x["budget"]) for x in r["rows"]}
     assert got == {(a, b) for a in ("scratch", "split-ft", "block:8-relink") for b in (0.1, 0.3)}
-    assert all(x["val_ppl"] > 1.0 for x in r["rows"]) and r["notes"] == []
+    assert all(x["val_ppl"] > 1.0 for x in r["rows"]) and r["complete"]
+    assert r["notes"] == ["only these attacks were run: scratch, split-ft, block:8-relink"]  # no attack failed
     assert set(r["verdicts"]) == {"split", "shielded+block:8"}
     assert r["verdicts"]["split"]["black-box"]["0.3"]["floor_attack"] == "scratch"
     md = gs.render_section([r])
     assert md.startswith(gs.MARK_BEGIN) and md.endswith(gs.MARK_END) and "| split | black-box |" in md
+    assert "every run together" in md and "| 10 %, 30 % |" in md  # the combined table names the budgets run
     report = tmp_path / "R.md"
     report.write_text("# title\n\nbody\n")
     gs.splice(report, md)
