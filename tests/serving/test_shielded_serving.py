@@ -4,7 +4,9 @@ against the fixed-point reference, with everything crossing the trust boundary r
 Model: the TINY reference LM of the evaluation (trained on the Python standard library, cached),
 because agreement and perplexity targets only mean something on a trained model (a random tiny
 model's logits are nearly flat, so int8 rounding flips near-ties).  Protected with
-`slip protect --protocol shielded` (rank 1/8, fixed seed).
+`slip protect --protocol shielded` (rank 1/8, fixed seed, the default lock ``block:32``: every
+public weight locked with its own secret transforms, undone in the service; the replay below
+checks the whole served path against the fixed-point specification, lock included).
 
 Stacks (one each per module):
 * ``stack``: secure service (shielded bundle, mask audit on) <- recording TCP proxy <- vLLM serving
@@ -190,7 +192,13 @@ def test_served_logits_equal_the_fixed_point_replay_of_the_recorded_traffic(stac
     """Replays every step frame and logits request the host sent (as recorded at the boundary)
     through an in-process fixed-point executor: every logits tensor the host received is equal bit
     for bit.  Chat with streaming and a prompt-logprob request make the traffic mixed.  Everything
-    since the server started is replayed (vLLM's prefix cache reuses blocks of earlier requests)."""
+    since the server started is replayed (vLLM's prefix cache reuses blocks of earlier requests).
+    The artifact carries the default lock, which the replaying executor reads from the bundle."""
+    import json
+
+    from slip_vllm.core.lock import DEFAULT_LOCK
+
+    assert json.loads((stack.protected / "secret" / "bundle.json").read_text())["lock"] == DEFAULT_LOCK != "none"
     client = stack.client(stack.slip)
     prompts = _validation_prompts(6, 30)
 
