@@ -22,6 +22,15 @@ MICRO = dataclasses.replace(gs.PRESETS["tiny"], name="micro", hidden=32, heads=2
                             lr_grid=(3e-3,), eval_tokens=256, locks=("perm", "block:8"), min_steps=2)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models of a few thousand parameters: one thread is 4x faster than two on a loaded 2-core box."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("code")
