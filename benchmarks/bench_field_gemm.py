@@ -16,6 +16,15 @@ not L2); CPU times are wall-clock.
     python benchmarks/bench_field_gemm.py --device cuda
     python benchmarks/bench_field_gemm.py --device cpu [--quick]
     python benchmarks/bench_field_gemm.py --device cuda --tune   # sweep kernel tile configs
+    python benchmarks/bench_field_gemm.py --device cuda --compare-bits   # int8 vs int16 public weights
+
+``--compare-bits`` times, per shape and T, the base GEMM against the field GEMM with int8 and with
+int16 public weights, each with the prime the protocol picks for that layer at 16-bit activations
+(``quantize.select_prime``: int8 -> p < 2^40, 5 limbs; int16 -> p ~ 2^(31 + log2 n), 6 limbs for
+n > 512) and the backend the host would use (CUDA: Triton; CPU: ``field.select_cpu_backend``, the
+fastest measured on this machine).  Each field result is checked first against an independent
+backend (CUDA: f64 on every row; CPU: an int8 limb backend on the first two rows) and big-integer
+spot checks.  Default shapes: Llama-3-8B's fused masked GEMMs.
 """
 
 from __future__ import annotations
@@ -198,6 +207,100 @@ def run_case(m, n, T, p, device, reps, gen, methods, tune_cfgs=None):
     return times, status
 
 
+LLAMA8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down
+BITS_TOKENS = [1, 4, 16, 256, 1024, 2048]
+
+
+def run_bits_case(m, n, T, device, reps, gen, backend, check_backend):
+    """(times, status, primes) of base vs the int8 and int16 field GEMMs at the protocol's primes."""
+    from slip_vllm.core.quantize import WEIGHT_QMAX, select_prime
+
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fns, rot, status, primes = {}, {}, [], {}
+    wb = [torch.randn((m, n), generator=gen).to(base_dtype).to(device)
+          for _ in range(_n_rot(m * n * base_dtype.itemsize) if device.type == "cuda" else 1)]
+    xb = torch.randn((T, n), generator=gen).to(base_dtype).to(device)
+    fns["base"] = lambda i: torch.nn.functional.linear(xb, wb[i])
+    rot["base"] = len(wb)
+    for bits in (8, 16):
+        q = WEIGHT_QMAX[bits]
+        p = select_prime([(n, q)])
+        primes[bits] = p
+        dt = torch.int8 if bits == 8 else torch.int16
+        w = torch.randint(-q, q + 1, (m, n), dtype=torch.int64, generator=gen).to(dt).to(device)
+        x = torch.randint(0, p, (T, n), dtype=torch.int64, generator=gen).to(device)
+        copies = _n_rot(m * n * dt.itemsize) if device.type == "cuda" else 1  # CPU: W is far beyond the caches
+        fws = [FieldWeight(w if i == 0 else w.clone(), p) for i in range(copies)]
+        for fw in fws[1:]:
+            field_matmul(x[:1], fw, p, backend=backend)  # builds each copy's packed form before timing
+        got = field_matmul(x, fws[0], p, backend=backend)
+        if check_backend and check_backend != backend:
+            c = T if device.type == "cuda" else min(T, 2)  # the CPU int8 limb backends are slow on some CPUs
+            fw_chk = FieldWeight(w, p)
+            other = field_matmul(x[:c], fw_chk, p, backend=check_backend)
+            del fw_chk
+            if not torch.equal(got[:c], other):
+                status.append(f"int{bits}: MISMATCH {backend} vs {check_backend}")
+        msg = _check_exact({"kernel": got}, x, w, p, gen, n_spot=24)
+        if msg != "ok":
+            status.append(f"int{bits}: {msg}")
+        del got
+        fns[f"int{bits}"] = (lambda fw_, x_, p_: lambda i: field_matmul(x_, fw_[i], p_, backend=backend))(fws, x, p)
+        rot[f"int{bits}"] = len(fws)
+    timer = _cuda_graph_timer if device.type == "cuda" else _cpu_timer
+    times = timer(fns, rot, reps)
+    return times, ("ok" if not status else "; ".join(status)), primes
+
+
+def compare_bits(args, device, dev_desc, base_name, cmd, gen) -> int:
+    from slip_vllm.core.field import limb_count, select_cpu_backend
+
+    shapes = LLAMA8B_SHAPES if not args.shapes else [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    tokens = args.tokens or BITS_TOKENS
+    reps = args.reps or (7 if device.type == "cuda" else 3)
+    if device.type == "cuda":
+        backend, why, check = "triton", "Triton kernel", "f64"
+    else:
+        backend, why = select_cpu_backend(6, 0)
+        check = "cpu_int8" if backend != "cpu_int8" else "f64"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"# compare-bits: backend {backend} ({why}); checked against {check}; load {load}", flush=True)
+    rows, all_ok = [], True
+    for (m, n) in shapes:
+        for T in tokens:
+            t0 = time.perf_counter()
+            times, status, primes = run_bits_case(m, n, T, device, reps, gen, backend, check)
+            all_ok &= status == "ok"
+            rows.append((m, n, T, times, status, primes))
+            print(f"{m}x{n} T={T}: {base_name} {_fmt_t(times['base'])} ms, int8 {_fmt_t(times['int8'])} ms, "
+                  f"int16 {_fmt_t(times['int16'])} ms, 16/8 {times['int16'] / times['int8']:.2f}x, exact={status} "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    lines = [f"Device: {dev_desc}. Date: {datetime.date.today().isoformat()}. Backend: {backend} ({why}); "
+             f"every result checked against {check} and big-integer spot checks before timing. "
+             f"Load average at start {tuple(round(v, 1) for v in load) if load else '-'}, at end "
+             f"{tuple(round(v, 1) for v in load_end) if load_end else '-'}.", "", f"Command: `{cmd}`", "",
+             f"| m x n | T | {base_name} ms | int8 ms (p bits, limbs) | int16 ms (p bits, limbs) | int16 / int8 | "
+             f"int8 time vs {base_name} | int16 time vs {base_name} | exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (m, n, T, t, status, primes) in rows:
+        p8, p16 = primes[8], primes[16]
+        lines.append(f"| {m}x{n} | {T} | {_fmt_t(t['base'])} | {_fmt_t(t['int8'])} ({p8.bit_length()}, "
+                     f"{limb_count(p8)}) | {_fmt_t(t['int16'])} ({p16.bit_length()}, {limb_count(p16)}) | "
+                     f"{t['int16'] / t['int8']:.2f}x | {t['int8'] / t['base']:.2f}x | {t['int16'] / t['base']:.2f}x | "
+                     f"{status} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table + "\n")
+    if not all_ok:
+        print("EXACTNESS FAILURE", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _print_cuda_ceilings(gen):
     """The device's measured ceilings: bf16 and int8 (torch._int_mm, B column-major) GEMM rates on
     8192^3 random data, and device-to-device copy bandwidth (bytes read + written)."""
@@ -250,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ceilings", action="store_true", help="CUDA: skip the 8192^3 bf16/int8 and copy probes")
+    ap.add_argument("--compare-bits", action="store_true",
+                    help="int8 vs int16 public weights at the protocol's primes (Llama-3-8B shapes by default)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -286,6 +391,8 @@ def main(argv=None):
     cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
     print(f"# device: {dev_desc}")
     print(f"# date: {datetime.date.today().isoformat()}  command: {cmd}")
+    if args.compare_bits:
+        return compare_bits(args, device, dev_desc, base_name, cmd, gen)
     print(f"# p = {p} ({p.bit_length()} bits), limbs = {FieldWeight(torch.zeros(1, 1, dtype=torch.int8, device=device), p).L}")
     print(f"# kernel backend: {default_backend(device)}; base = {base_name} GEMM x[T,n] @ W[m,n]^T", flush=True)
 
@@ -336,7 +443,7 @@ def main(argv=None):
 
     lines = []
     lines.append(f"Device: {dev_desc}. Date: {datetime.date.today().isoformat()}. "
-                 f"p = {p} ({p.bit_length()} bits, 5 limbs).")
+                 f"p = {p} ({p.bit_length()} bits, {FieldWeight(torch.zeros(1, 1, dtype=torch.int8), p).L} limbs).")
     lines.append("")
     lines.append(f"Command: `{cmd}`")
     lines.append("")
@@ -355,7 +462,7 @@ def main(argv=None):
             f"{r['tops'] * 1e12 / scale:.1f} | {r['ratio']:.3f}x | {r['slow']:.2f}x | "
             f"{(str(round(r['vs_naive'], 2)) + 'x') if r['vs_naive'] else '-'} | {r['exact']} |")
     lines.append("")
-    lines.append(f"*useful multiply-adds 2mnT over the kernel's time (the kernel does L=5 int8 products). "
+    lines.append(f"*useful multiply-adds 2mnT over the kernel's time (the kernel does L int8 products, L = the limbs of p). "
                  f"`thr. vs {base_name}` = t_{base_name} / t_kernel; `time vs {base_name}` = t_kernel / t_{base_name}.")
     if tune_rows:
         lines.append("")

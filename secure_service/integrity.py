@@ -28,8 +28,9 @@ rejection raises the alarm.
 
 Exact arithmetic
 ----------------
-The dot products have up to m (or n) terms of field elements < 2^40, i.e. products near 2^80, which
-int64 cannot hold.  They are computed as one float64 GEMM on limbs, exact by bounds:
+The dot products have up to m (or n) terms of field elements < p, i.e. products near 2^80 (2^96
+for p < 2^48), which int64 cannot hold.  They are computed as one float64 GEMM on limbs, exact by
+bounds.  For p <= 2^40:
   * the operand a in [0, p) (y~ or x~) is split into 20-bit limbs a = a_0 + 2^20 a_1 (in float64:
     a_1 = floor(a * 2^-20), a_0 = a - 2^20 a_1, exact since all are integers below 2^53);
   * the key vectors v in [0, p) are split into 14-bit limbs v = v_0 + 2^14 v_1 + 2^28 v_2 (42 bits);
@@ -37,6 +38,10 @@ int64 cannot hold.  They are computed as one float64 GEMM on limbs, exact by bou
     at most 2^18 terms, so every partial sum, in any order, is < 2^52 < 2^53: exact in float64;
   * chunk results are reduced mod p in int64 and the limbs recombined by Horner steps
     (acc * 2^14 + c < 2^54 + 2^52, acc * 2^20 + c < 2^60 + 2^40), all exact in int64.
+For 2^40 < p < 2^48 (16-bit public weights, ``field.MAX_P``) the same steps with 24-bit operand
+limbs, four 12-bit key limbs (48 bits) and chunks of 2^16 terms: limb products < 2^36, partial
+sums < 2^52; Horner steps acc * 2^12 + c < 2^60 + 2^48, and acc * 2^24 taken as two steps of
+2^12, each reduced mod p (< 2^60).  ``_plan(p)`` gives the limb widths.
 """
 
 from __future__ import annotations
@@ -59,6 +64,27 @@ _A_BITS = 20        # limb width of the operand (y~ or x~)
 _V_BITS = 14        # limb width of the key vectors
 _V_LIMBS = 3        # 3 * 14 = 42 >= 40 bits
 _CHUNK = 1 << 18    # inner-dimension chunk: 2^18 * 2^34 = 2^52 < 2^53
+_P40 = 1 << 40
+_PLAN_WIDE = (24, 12, 4, 1 << 16)  # p < 2^48: 2^16 * 2^24 * 2^12 = 2^52 < 2^53
+
+
+def _plan(p: Optional[int]):
+    """(operand limb bits, key limb bits, key limbs, chunk) for the prime p (module docstring)."""
+    if p is None or p <= _P40:
+        return _A_BITS, _V_BITS, _V_LIMBS, _CHUNK
+    if p >= 1 << 48:
+        raise ValueError(f"p={p}: the Freivalds dot products are exact for p < 2^48 only")
+    return _PLAN_WIDE
+
+
+def _mul_pow2_mod(v: torch.Tensor, bits: int, p: int) -> torch.Tensor:
+    """(v * 2^bits) mod p for int64 v in [0, p), in steps of at most 62 - bits(p) bits (exact)."""
+    step = 62 - (p - 1).bit_length()
+    while bits > 0:
+        s = min(step, bits)
+        v = torch.remainder(v * (1 << s), p)
+        bits -= s
+    return v
 
 
 class IntegrityError(RuntimeError):
@@ -110,15 +136,17 @@ class AlarmCounter:
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_limbs(v: torch.Tensor) -> torch.Tensor:
-    """v int64 [t, K] in [0, 2^42) -> float64 [K, 3t]: column 3j+b is limb b of v_j."""
+def _key_limbs(v: torch.Tensor, p: Optional[int] = None) -> torch.Tensor:
+    """v int64 [t, K] in [0, p) -> float64 [K, V t]: column V j + b is limb b of v_j (V limbs of
+    ``_plan(p)``; p None or <= 2^40: three 14-bit limbs)."""
+    _, v_bits, v_limbs, _ = _plan(p)
     t, K = v.shape
-    cols = [((v >> (_V_BITS * b)) & ((1 << _V_BITS) - 1)) for b in range(_V_LIMBS)]
-    return torch.stack(cols, dim=1).reshape(t * _V_LIMBS, K).t().to(torch.float64).contiguous()
+    cols = [((v >> (v_bits * b)) & ((1 << v_bits) - 1)) for b in range(v_limbs)]
+    return torch.stack(cols, dim=1).reshape(t * v_limbs, K).t().to(torch.float64).contiguous()
 
 
-def _operand_limbs(a: torch.Tensor) -> torch.Tensor:
-    """a int64 [T, K] in [0, 2^40) -> float64 [2T, K]: rows [a_0; a_1], a = a_0 + 2^20 a_1.
+def _operand_limbs(a: torch.Tensor, a_bits: int = _A_BITS) -> torch.Tensor:
+    """a int64 [T, K] in [0, 2^(2 a_bits)) -> float64 [2T, K]: rows [a_0; a_1], a = a_0 + 2^a_bits a_1.
 
     Done in float64, where every step is exact (integers below 2^53, scaling by powers of two):
     a_1 = floor(a * 2^-20), a_0 = a - 2^20 a_1.  Cheaper than integer shifts and masks plus a
@@ -128,30 +156,34 @@ def _operand_limbs(a: torch.Tensor) -> torch.Tensor:
     out = torch.empty((2 * T, K), dtype=torch.float64)
     lo, hi = out[:T], out[T:]
     lo.copy_(a)
-    torch.mul(lo, 1.0 / (1 << _A_BITS), out=hi)
+    torch.mul(lo, 1.0 / (1 << a_bits), out=hi)
     hi.floor_()
-    lo.sub_(hi, alpha=1 << _A_BITS)
+    lo.sub_(hi, alpha=1 << a_bits)
     return out
 
 
 def dot_mod(a: torch.Tensor, key_limbs: torch.Tensor, p: int) -> torch.Tensor:
-    """(a @ v^T) mod p for a int64 [T, K] in [0, p) and key limbs of v [t, K]; int64 [T, t] in [0, p)."""
+    """(a @ v^T) mod p for a int64 [T, K] in [0, p) and key limbs of v [t, K] (``_key_limbs(v, p)``);
+    int64 [T, t] in [0, p)."""
+    a_bits, v_bits, v_limbs, chunk = _plan(p)
     T, K = a.shape
-    t = key_limbs.shape[1] // _V_LIMBS
-    limbs = _operand_limbs(a)  # [2T, K]
+    t = key_limbs.shape[1] // v_limbs
+    limbs = _operand_limbs(a, a_bits)  # [2T, K]
     acc = None
-    for s in range(0, K, _CHUNK):
-        e = min(K, s + _CHUNK)
+    for s in range(0, K, chunk):
+        e = min(K, s + chunk)
         part = torch.remainder(torch.matmul(limbs[:, s:e], key_limbs[s:e]).to(torch.int64), p)  # exact: < 2^52
         acc = part if acc is None else torch.remainder(acc + part, p)
     if acc is None:
-        acc = torch.zeros((2 * T, t * _V_LIMBS), dtype=torch.int64)
-    acc = acc.view(2 * T, t, _V_LIMBS)
-    val = acc[..., _V_LIMBS - 1]
-    for b in range(_V_LIMBS - 2, -1, -1):  # Horner over the key limbs
-        val = torch.remainder(val * (1 << _V_BITS) + acc[..., b], p)
+        acc = torch.zeros((2 * T, t * v_limbs), dtype=torch.int64)
+    acc = acc.view(2 * T, t, v_limbs)
+    val = acc[..., v_limbs - 1]
+    for b in range(v_limbs - 2, -1, -1):  # Horner over the key limbs
+        val = torch.remainder(val * (1 << v_bits) + acc[..., b], p)
     lo, hi = val[:T], val[T:]
-    return torch.remainder(hi * (1 << _A_BITS) + lo, p)
+    if p <= _P40:
+        return torch.remainder(hi * (1 << a_bits) + lo, p)
+    return torch.remainder(_mul_pow2_mod(hi, a_bits, p) + lo, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +198,7 @@ def key_images(weight: PublicWeight, u: torch.Tensor, chunk: int = MAX_N) -> tor
     the vocabulary for the LM head).  The field GEMM is exact only for inner dimensions up to
     ``field.MAX_N`` = 2^16 (its float64/int32 partial sums stay below their bounds), so for m above
     that the rows of W_q are taken in chunks of at most ``chunk`` and the partial images, each in
-    [0, p), are added mod p (exact in int64: two values below 2^40).  Llama-3's 128 256-row LM head
+    [0, p), are added mod p (exact in int64: two values below 2^48).  Llama-3's 128 256-row LM head
     needs two chunks; a smaller layer one, which is the former single product.
     """
     if not 1 <= chunk <= MAX_N:
@@ -217,8 +249,8 @@ class FreivaldsKey:
         self.u = u
         self.t = int(u.shape[0])
         self.uw = key_images(weight, u)  # int64 [t, n] in [0, p)
-        self._u_limbs = _key_limbs(self.u)
-        self._uw_limbs = _key_limbs(self.uw)
+        self._u_limbs = _key_limbs(self.u, self.p)
+        self._uw_limbs = _key_limbs(self.uw, self.p)
 
     @property
     def soundness_bits(self) -> float:

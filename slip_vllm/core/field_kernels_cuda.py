@@ -4,17 +4,22 @@ One GEMM kernel computes, for a tile of BLOCK_M output channels x BLOCK_T tokens
     acc_j = W_tile . d_j^T      (int8 x int8 -> int32 on the tensor cores, one product per limb)
 for the L balanced limbs d_j = byte_j(x) - 128 of the masked activations, reading each weight tile
 once from memory for all limbs, and in its epilogue recombines sum_j 256^j acc_j in int64, adds
-the per-channel correction and reduces mod p.  The exactness argument is in ``field.py``.
+the per-channel correction and reduces mod p.  The exactness argument is in ``field.py``: for
+L <= 5 (p <= 2^40) the recombination needs no intermediate reduction; for L = 6 (p < 2^48) the
+Horner value of limbs 5..1 (|.| < 2^62.01) is reduced mod p once before the last limb is added,
+and split-K partials are reduced to [0, p) before the finalizer adds them.  The weight is
+``FieldWeight.w8``: the int8 W_q, or the stacked digit planes [W_hi | W_lo] of an int16 W_q, which
+``field.field_matmul`` multiplies with x' = [(256 x) mod p | x].
 
 Three ways to feed the limbs (``KernelConfig.mode``):
 * "fused": the kernel loads X~ as int64 and splits it into limbs in registers on the fly
-  (low word XOR 0x80808080 gives limbs 0..3 as its bytes, the high word XOR 0x80 gives limb 4);
+  (low word XOR 0x80808080 gives limbs 0..3 as its bytes, the high word XOR 0x8080 limbs 4, 5);
 * "planes": a memory-bound pre-pass writes the limb planes int8 [L, T, n] once (5 bytes per
   element instead of 8, and no integer work in the GEMM's inner loop), then the GEMM runs one
   product per limb;
 * "stacked": the same planes, but limbs 0..3 of a token tile are stacked along the product's N
   dimension, so one wide product (and one read of the weight tile from shared memory) serves
-  four limbs; limb 4 gets a second product.
+  four limbs; limbs 4 and 5 get one more product each.
 The operands are in the layout that int8 tensor-core products want: W [m, n] and the limbs
 [T, n] both K-contiguous ("second operand column-major").  Small T uses split-K so that enough
 thread blocks stream the weight; the partial int64 sums are added and reduced by a second kernel.
@@ -44,8 +49,10 @@ def _split_limbs_kernel(X, XL, numel, plane, L: tl.constexpr, BLOCK: tl.constexp
     if L > 3:
         tl.store(XL + 3 * plane + offs, (lo >> 24).to(tl.int8), mask=mask)
     if L > 4:
-        hi = (x >> 32).to(tl.int32) ^ 128
+        hi = (x >> 32).to(tl.int32) ^ 32896
         tl.store(XL + 4 * plane + offs, hi.to(tl.int8), mask=mask)
+        if L > 5:
+            tl.store(XL + 5 * plane + offs, (hi >> 8).to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -108,6 +115,7 @@ def _field_gemm_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     acc4 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
+    acc5 = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int32)
     accs = tl.zeros((BLOCK_M, SLOTS * BLOCK_T), dtype=tl.int32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         if EVEN_K:
@@ -131,8 +139,10 @@ def _field_gemm_kernel(
             if L > 3:
                 acc3 = tl.dot(w, tl.trans((lo >> 24).to(tl.int8)), acc3, out_dtype=tl.int32)
             if L > 4:
-                hi = ((x >> 32).to(tl.int32) ^ 128).to(tl.int8)
-                acc4 = tl.dot(w, tl.trans(hi), acc4, out_dtype=tl.int32)
+                hi32 = (x >> 32).to(tl.int32) ^ 32896
+                acc4 = tl.dot(w, tl.trans(hi32.to(tl.int8)), acc4, out_dtype=tl.int32)
+                if L > 5:
+                    acc5 = tl.dot(w, tl.trans((hi32 >> 8).to(tl.int8)), acc5, out_dtype=tl.int32)
         elif MODE == 1:
             d0 = tl.load(x_ptrs, mask=xmask, other=0)
             acc0 = tl.dot(w, tl.trans(d0), acc0, out_dtype=tl.int32)
@@ -148,18 +158,37 @@ def _field_gemm_kernel(
             if L > 4:
                 d4 = tl.load(x_ptrs + 4 * stride_xl, mask=xmask, other=0)
                 acc4 = tl.dot(w, tl.trans(d4), acc4, out_dtype=tl.int32)
+            if L > 5:
+                d5 = tl.load(x_ptrs + 5 * stride_xl, mask=xmask, other=0)
+                acc5 = tl.dot(w, tl.trans(d5), acc5, out_dtype=tl.int32)
         else:
             ds = tl.load(s_ptrs, mask=smask, other=0)
             accs = tl.dot(w, tl.trans(ds), accs, out_dtype=tl.int32)
             if L > SLOTS:
                 d4 = tl.load(x_ptrs + 4 * stride_xl, mask=xmask, other=0)
                 acc4 = tl.dot(w, tl.trans(d4), acc4, out_dtype=tl.int32)
+            if L > 5:
+                d5 = tl.load(x_ptrs + 5 * stride_xl, mask=xmask, other=0)
+                acc5 = tl.dot(w, tl.trans(d5), acc5, out_dtype=tl.int32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         s_ptrs += BLOCK_K
 
     # epilogue: sum_j 256^j acc_j (|.| < 2^62.01, exact in int64)
-    if MODE == 2:
+    if L > 5:
+        # 6 limbs: t = sum_{j=1..5} 256^(j-1) acc_j (|t| < 2^62.01), reduced mod p, then 256 t + acc_0
+        if MODE == 2:
+            a3 = tl.reshape(accs, (BLOCK_M, SLOTS, BLOCK_T)).to(tl.int64)
+            sl = tl.arange(0, SLOTS)
+            sh = (tl.maximum(sl - 1, 0) * 8).to(tl.int64)
+            t = tl.sum(tl.where((sl >= 1)[None, :, None], a3 << sh[None, :, None], 0), axis=1)
+            a0 = tl.sum(tl.where((sl == 0)[None, :, None], a3, 0), axis=1)
+        else:
+            t = (acc1.to(tl.int64) + (acc2.to(tl.int64) << 8) + (acc3.to(tl.int64) << 16))
+            a0 = acc0.to(tl.int64)
+        t += (acc4.to(tl.int64) << 24) + (acc5.to(tl.int64) << 32)
+        tot = (_mod_p(t, p, inv_p) << 8) + a0
+    elif MODE == 2:
         a3 = tl.reshape(accs, (BLOCK_M, SLOTS, BLOCK_T))
         sh = (tl.arange(0, SLOTS) * 8).to(tl.int64)
         tot = tl.sum(a3.to(tl.int64) << sh[None, :, None], axis=1)
@@ -181,6 +210,8 @@ def _field_gemm_kernel(
         off = tl.load(OFF + offs_m, mask=mask_m, other=0)
         r = _mod_p(tot + off[:, None], p, inv_p)
         tl.store(out_ptrs, r, mask=omask)
+    elif L > 5:
+        tl.store(out_ptrs, _mod_p(tot, p, inv_p), mask=omask)  # the finalizer adds values below 2^48
     else:
         tl.store(out_ptrs, tot, mask=omask)
 
@@ -279,10 +310,15 @@ def split_limbs(x: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def field_matmul_triton(x: torch.Tensor, fw, config: Optional[KernelConfig] = None) -> torch.Tensor:
-    """(x @ fw.w_q.T) mod fw.p for CUDA int64 x [T, n]; returns int64 [T, m]."""
+    """(x @ fw.w8.T) mod fw.p for CUDA int64 x [T, fw.k]; returns int64 [T, m].
+
+    x is what ``field.field_matmul`` hands the backends: the masked activations, or for an int16
+    weight its x' = [(256 x) mod p | x] (width ``fw.k`` = 2n)."""
     T, n = x.shape
     m, L, p = fw.m, fw.L, fw.p
-    w = fw.w_q
+    w = fw.w8
+    if L > 6 or w is None or n != fw.k:
+        raise ValueError(f"field_matmul_triton: needs p < 2^48 and x of width {fw.k} (got L={L}, width {n})")
     off = fw.offset
     if T == 0:
         return torch.empty((0, m), dtype=torch.int64, device=x.device)
@@ -304,7 +340,7 @@ def field_matmul_triton(x: torch.Tensor, fw, config: Optional[KernelConfig] = No
         xin, stride_xl, rows_per_t = x, 0, 8
     else:
         xin, stride_xl = split_limbs(x, L), T * n
-        rows_per_t = L if mode == 1 else slots + (1 if L > slots else 0)
+        rows_per_t = L if mode == 1 else slots + max(0, L - slots)
     out = torch.empty((T, m), dtype=torch.int64, device=x.device)
     dst = out if split == 1 else torch.empty((split, T, m), dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(T, cfg.block_t), split)

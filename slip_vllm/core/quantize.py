@@ -13,9 +13,9 @@ What this module owns
   left factor of a fused GEMM kept as one block per part instead of a dense block-diagonal matrix;
 * ``required_modulus`` / ``select_prime`` / ``check_prime``: the prime of brief §6,
   p > 2*n*max|W_q|*max|x_q| for every layer, refused with a ValueError when it cannot be below
-  2^40 (the limit of the host's exact field GEMM);
+  ``field.MAX_P`` = 2^48 (the limit of the host's exact field GEMM);
 * ``PublicWeight``: the quantized public weight prepared for the exact mod-p product on either side
-  (int8: exactly ``field.field_matmul``; int16: two int8 digit planes, see below);
+  (exactly ``field.field_matmul`` for int8 and int16 weights, see below);
 * ``shielded_linear_reference``: the bit-exact fixed-point specification of one protected linear
   (no masks, no field), including the GEMM's lock where it has one (``slip_vllm.core.lock``): the
   masked protocol must reproduce its integers exactly and, running the same float code on them,
@@ -66,13 +66,14 @@ to float32 rounding (measured <= 4.8e-7 at |logits| <= 4.5).
 The rest of the finishing sum (dequantize, + W_C x, + bias) stays in float64 (exact for the
 integers, O(m) per row) and is cast to ``out_dtype`` once.
 
-int16 weights.  ``field.field_matmul`` multiplies by int8 weights only (its limb bounds need
-|w| <= 2^7).  An int16 weight is used through two balanced base-256 digit planes
-W_q = 256*W_hi + W_lo with W_lo in [-128, 127] and W_hi in [-127, 127]; that needs
-|W_q| <= 127*256 + 127 = 32639, which is why the int16 grid stops there instead of at 32767.  The
-mod-p product is (256*(W_hi x mod p) + (W_lo x mod p)) mod p, exact in int64 (< 2^49).
-Note the bound: 2*n*32639*32767 exceeds 2^40 for n > 514, so int16 weights with 16-bit
-activations only fit tiny layers; with ``act_bits=8`` they fit n up to about 2^17.
+int16 weights.  The host's limb GEMMs multiply int8 digits (their bounds need |w| <= 2^7), so an
+int16 weight is used through two balanced base-256 digit planes W_q = 256*W_hi + W_lo with W_lo in
+[-128, 127] and W_hi in [-127, 127] (``field.split_int16``, stacked into one int8 GEMM of inner
+dimension 2n: ``field``'s "int16 weights"); that needs |W_q| <= 127*256 + 127 = 32639, which is
+why the int16 grid stops there instead of at 32767.  The bound: 2*n*32639*32767 < 2^47 for every
+n <= 2^16, so with p < 2^48 (``field.MAX_P``) int16 weights with 16-bit activations fit every layer
+width the field GEMM takes (the prime is about 2^37 + log2(n) bits; int8 weights keep p < 2^40 and
+the 5-limb GEMM).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from slip_vllm.core.field import MAX_N, MAX_P, FieldWeight, choose_prime, field_matmul, min_modulus
+from slip_vllm.core.field import (
+    INT16_QMAX, MAX_N, MAX_P, FieldWeight, choose_prime, field_matmul, min_modulus, split_int16,
+)
 from slip_vllm.core.lock import GemmLock
 
 __all__ = [
@@ -106,7 +109,7 @@ __all__ = [
     "shielded_linear_reference",
 ]
 
-WEIGHT_QMAX = {8: 127, 16: 127 * 256 + 127}  # int16 stops at 32639: see "int16 weights" above
+WEIGHT_QMAX = {8: 127, 16: INT16_QMAX}  # int16 stops at 32639: see "int16 weights" above
 DEFAULT_ACT_BITS = 16
 
 LowRank = Tuple[torch.Tensor, torch.Tensor]  # (left [m, k], right [k, n]): W_C = left @ right (one part)
@@ -350,7 +353,7 @@ def required_modulus(n: int, max_abs_w: int, act_bits: int = DEFAULT_ACT_BITS) -
 
 def select_prime(layers: Union[Mapping[str, LayerSpec], Iterable[LayerSpec]],
                  act_bits: int = DEFAULT_ACT_BITS) -> int:
-    """The smallest prime p above every layer's bound; ValueError if none exists below 2^40.
+    """The smallest prime p above every layer's bound; ValueError if none exists below 2^48.
 
     layers: a mapping name -> spec or an iterable of specs; a spec is an int8/int16 weight [m, n],
     a ``PublicWeight`` or a pair (n, max|W_q|).  The activation bound is the worst case
@@ -368,7 +371,7 @@ def select_prime(layers: Union[Mapping[str, LayerSpec], Iterable[LayerSpec]],
         if bound >= MAX_P - 1:
             raise ValueError(
                 f"layer {name!r}: the exact-lift bound 2*n*max|W_q|*max|x_q| = 2*{n}*{max_w}*"
-                f"{act_qmax(act_bits)} = {bound} is not below 2^40; no prime p < 2^40 works "
+                f"{act_qmax(act_bits)} = {bound} is not below 2^48; no prime p < 2^48 works "
                 f"(use int8 weights or fewer activation bits)")
         if bound > worst:
             worst_name, worst = name, bound
@@ -380,11 +383,11 @@ def select_prime(layers: Union[Mapping[str, LayerSpec], Iterable[LayerSpec]],
 
 def check_prime(p: int, layers: Union[Mapping[str, LayerSpec], Iterable[LayerSpec]],
                 act_bits: int = DEFAULT_ACT_BITS) -> None:
-    """Raise ValueError unless p is a prime below 2^40 above every layer's bound (protect/load time)."""
+    """Raise ValueError unless p is a prime below 2^48 above every layer's bound (protect/load time)."""
     from slip_vllm.core.field import is_prime
 
     if isinstance(p, bool) or not isinstance(p, int) or not 2 < p < MAX_P or not is_prime(p):
-        raise ValueError(f"p={p!r} is not an odd prime below 2^40")
+        raise ValueError(f"p={p!r} is not an odd prime below 2^48")
     items = list(layers.items()) if isinstance(layers, Mapping) else list(enumerate(layers))
     for name, spec in items:
         n, max_w = _layer_bounds(spec)
@@ -399,24 +402,13 @@ def check_prime(p: int, layers: Union[Mapping[str, LayerSpec], Iterable[LayerSpe
 # ---------------------------------------------------------------------------------------------
 
 
-def split_int16(w_q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """int16 W with |W| <= 32639 -> int8 (hi, lo), W = 256*hi + lo, lo in [-128, 127], hi in [-127, 127]."""
-    if w_q.dtype != torch.int16:
-        raise TypeError("split_int16 expects int16")
-    w = w_q.to(torch.int32)
-    if w.numel() and int(w.abs().max()) > WEIGHT_QMAX[16]:
-        raise ValueError(f"int16 weights must satisfy |w| <= {WEIGHT_QMAX[16]}")
-    lo = ((w + 128) & 255) - 128
-    hi = (w - lo) >> 8  # exact: w - lo is a multiple of 256
-    return hi.to(torch.int8).contiguous(), lo.to(torch.int8).contiguous()
-
-
 class PublicWeight:
     """A quantized public weight W_q [m, n] (int8 or int16) and p, ready for ``matmul``.
 
-    ``matmul(x)`` = (x @ W_q^T) mod p in [0, p) for int64 x in [0, p): for int8 it is exactly
-    ``field.field_matmul`` (the host's whole step); for int16 it combines two int8 digit planes.
-    The service uses the same object for the mask images W_q r and the Freivalds keys.
+    ``matmul(x)`` = (x @ W_q^T) mod p in [0, p) for int64 x in [0, p): exactly
+    ``field.field_matmul`` with the ``FieldWeight`` ``field`` (the host's whole step; an int16 W_q
+    is multiplied as its two int8 digit planes inside it).  The service uses the same object for
+    the mask images W_q r and the Freivalds keys.
     """
 
     def __init__(self, w_q: torch.Tensor, p: int):
@@ -426,11 +418,8 @@ class PublicWeight:
         self.p = p
         self.m, self.n = (int(s) for s in w_q.shape)
         self.bits = 8 if w_q.dtype == torch.int8 else 16
-        if self.bits == 8:
-            self._planes = (FieldWeight(self.w_q, p),)
-        else:
-            hi, lo = split_int16(self.w_q)
-            self._planes = (FieldWeight(hi, p), FieldWeight(lo, p))
+        self.field = FieldWeight(self.w_q, p)
+        self._planes = (self.field,)
         self.max_abs = int(self.w_q.abs().max()) if self.w_q.numel() else 0
 
     @property
@@ -442,11 +431,7 @@ class PublicWeight:
         return PublicWeight(self.w_q.t().contiguous(), self.p)
 
     def matmul(self, x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-        if len(self._planes) == 1:
-            return field_matmul(x, self._planes[0], self.p, backend=backend)
-        hi = field_matmul(x, self._planes[0], self.p, backend=backend)
-        lo = field_matmul(x, self._planes[1], self.p, backend=backend)
-        return torch.remainder(hi * 256 + lo, self.p)  # < 2^48 + 2^40
+        return field_matmul(x, self.field, self.p, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

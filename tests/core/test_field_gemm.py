@@ -1,8 +1,9 @@
 """Exactness of the mod-p field GEMM (host path of protocol ``shielded``) and the prime utilities.
 
 Every backend is checked against a pure-Python big-integer reference: in full for small shapes,
-on random entries plus closed-form extreme inputs for the Llama-like shapes.  CUDA tests skip
-cleanly without a GPU.
+on random entries plus closed-form extreme inputs for the Llama-like shapes, for int8 weights and
+for int16 weights (p up to 2^48: 6 limbs and the int16 digit planes).  CUDA tests skip cleanly
+without a GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from slip_vllm.core.field import (
 
 BIG_SHAPES = [(4096, 4096), (12288, 4096), (14336, 4096), (4096, 14336)]
 P40 = 1099511627689  # the largest prime below 2^40
-PRIMES = [2, 3, 251, 257, 65537, 2**31 - 1, 549755813911, P40]
+P41 = 1099511627791  # the smallest prime above 2^40 (6 limbs)
+P47 = 140179159515209  # the prime int16 weights x 16-bit activations need at n = 2^16
+P48 = 281474976710597  # the largest prime below 2^48 = MAX_P
+PRIMES = [2, 3, 251, 257, 65537, 2**31 - 1, 549755813911, P40, P41, P47, P48]
+Q16 = 127 * 256 + 127  # largest |w| of an int16 weight
 CPU_BACKENDS = ["cpu_int8", "naive_int8", "f64"]
 _skip_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -74,7 +79,7 @@ def test_is_prime_rejects_pseudoprimes(n):
     assert not is_prime(n)
 
 
-@pytest.mark.parametrize("n", [2**31 - 1, 2**61 - 1, P40, 549755813911, 1000000007, 998244353])
+@pytest.mark.parametrize("n", [2**31 - 1, 2**61 - 1, P40, P41, P47, P48, 549755813911, 1000000007, 998244353])
 def test_is_prime_accepts_known_primes(n):
     assert is_prime(n)
 
@@ -102,17 +107,22 @@ def test_choose_prime():
     assert p > 2**39 and is_prime(p)
     assert not any(_trial_division(c) for c in range(2**39 + 1, p))
     assert choose_prime(P40 - 1) == P40
-    with pytest.raises(ValueError, match="2\\^40"):
-        choose_prime(P40)  # no prime in (P40, 2^40)
+    assert choose_prime(P40) == P41 and not any(_trial_division(c) for c in range(P40 + 1, P41))
+    assert choose_prime(P48 - 1) == P48
+    assert choose_prime(2 * 65536 * Q16 * 32767) == P47
+    with pytest.raises(ValueError, match="2\\^48"):
+        choose_prime(P48)  # no prime in (P48, 2^48)
     with pytest.raises(ValueError):
-        choose_prime(2**40)
+        choose_prime(2**48)
 
 
 def test_min_modulus_and_limbs():
     assert min_modulus(4096, 127, 32767) == 2 * 4096 * 127 * 32767
     p = choose_prime(min_modulus(14336, 127, 32767))
     assert p < MAX_P and limb_count(p) == 5
-    assert [limb_count(q) for q in (2, 256, 257, 65536, 65537, 2**32, 2**32 + 1, P40)] == [1, 1, 2, 2, 3, 4, 5, 5]
+    assert [limb_count(q) for q in (2, 256, 257, 65536, 65537, 2**32, 2**32 + 1, P40, P41, P48)] == [
+        1, 1, 2, 2, 3, 4, 5, 5, 6, 6]
+    assert MAX_P == 2**48 and P48 < MAX_P
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,12 +187,14 @@ def test_errors():
     x = torch.zeros((2, 8), dtype=torch.int64)
     with pytest.raises(ValueError, match="not prime"):
         field_matmul(x, w, 15)
-    with pytest.raises(ValueError, match="2\\^40"):
-        field_matmul(x, w, 2**40 + 15)
+    with pytest.raises(ValueError, match="2\\^48"):
+        field_matmul(x, w, 2**48 + 15)
     with pytest.raises(TypeError):
         field_matmul(x.to(torch.int32), w, 7)
     with pytest.raises(TypeError):
-        field_matmul(x, w.to(torch.int16), 7)
+        field_matmul(x, w.to(torch.int32), 7)
+    with pytest.raises(ValueError, match="32639"):
+        field_matmul(x, torch.full((4, 8), 32640, dtype=torch.int16), 7)
     with pytest.raises(ValueError):
         field_matmul(torch.zeros((2, 9), dtype=torch.int64), w, 7)
     with pytest.raises(ValueError, match="prepared for"):
@@ -199,16 +211,51 @@ def test_errors():
         field_matmul(x, w, 7, backend="triton")
 
 
-def test_bound_at_max_n():
-    """n = MAX_N with all-extreme inputs: the int32 / int64 bounds of the argument are tight here."""
+@pytest.mark.parametrize("p", [P40, P48])
+def test_bound_at_max_n(p):
+    """n = MAX_N with all-extreme inputs: the int32 / int64 bounds of the argument are tight here
+    (5 limbs without, 6 limbs with the one intermediate reduction)."""
     n = MAX_N
     for wv in (-128, 127):
         w = torch.full((3, n), wv, dtype=torch.int8)
-        x = torch.full((2, n), P40 - 1, dtype=torch.int64)
-        want = (P40 - 1) * wv * n % P40
+        x = torch.full((2, n), p - 1, dtype=torch.int64)
+        want = (p - 1) * wv * n % p
         for backend in CPU_BACKENDS:
-            y = field_matmul(x, w, P40, backend=backend)
+            y = field_matmul(x, w, p, backend=backend)
             assert torch.equal(y, torch.full((2, 3), want, dtype=torch.int64)), backend
+
+
+@pytest.mark.parametrize("p", [257, P40, P41, P47, P48])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int16_small_shapes_exact(p, backend):
+    """int16 weights (the stacked digit planes [W_hi | W_lo] with x' = [256 x mod p | x]) against
+    Python integers on the original int16 W: random values and the extremes +-32639, 0, p - 1."""
+    gen = torch.Generator().manual_seed(p % 991)
+    for (T, n, m) in [(1, 1, 1), (3, 7, 5), (17, 129, 40)]:
+        x = _rand((T, n), 0, p, gen, torch.int64)
+        w = _rand((m, n), -Q16, Q16 + 1, gen, torch.int16)
+        pairs = [(x, w)]
+        for xv in (0, p - 1):
+            for wv in (Q16, -Q16, -1):
+                pairs.append((torch.full((T, n), xv, dtype=torch.int64), torch.full((m, n), wv, dtype=torch.int16)))
+        for xx, ww in pairs:
+            fw = FieldWeight(ww, p)
+            assert fw.bits == 16 and fw.k == 2 * n and fw.parts is None
+            assert torch.equal(field_matmul(xx, fw, p, backend=backend), field_matmul_reference(xx, ww, p))
+
+
+@pytest.mark.parametrize("n", [MAX_N // 2, MAX_N // 2 + 1, MAX_N])
+def test_int16_bound_at_the_widths_where_the_layout_changes(n):
+    """int16 at n = 2^15 (stacked planes, inner dimension 2^16: the int32 bound is tight), just above
+    (two separate planes) and at MAX_N, with all-extreme inputs at p = P47 and P48, every CPU backend."""
+    for p in (P47, P48):
+        for wv in (-Q16, Q16):
+            fw = FieldWeight(torch.full((2, n), wv, dtype=torch.int16), p)
+            assert (fw.parts is None) == (2 * n <= MAX_N)
+            x = torch.full((2, n), p - 1, dtype=torch.int64)
+            want = (p - 1) * wv * n % p
+            for backend in CPU_BACKENDS:
+                assert bool((field_matmul(x, fw, p, backend=backend) == want).all()), (n, p, wv, backend)
 
 
 def _spot_check(y, x, w, p, gen, k=24):
@@ -255,18 +302,28 @@ fk._sm_count = lambda d: 8
 g = torch.Generator().manual_seed(0)
 cfgs = [fk.KernelConfig(64, 16, 64, 4, 2, 8, 0, "fused"), fk.KernelConfig(64, 16, 64, 4, 2, 2, 3, "planes"),
         fk.KernelConfig(64, 32, 128, 4, 2, 8, 1, "stacked"), fk.KernelConfig(64, 16, 64, 4, 2, 2, 2, "stacked")]
+P48 = 281474976710597
 for (T, n, m, p) in [(3, 200, 70, 1099511627689), (20, 130, 64, 257), (1, 64, 64, 65537), (17, 96, 65, 2**31 - 1),
-                     (5, 64, 64, 3), (40, 128, 64, 549755813911)]:
+                     (5, 64, 64, 3), (40, 128, 64, 549755813911), (3, 200, 70, P48), (20, 130, 64, 1099511627791)]:
     x = torch.randint(0, p, (T, n), generator=g)
     w = torch.randint(-128, 128, (m, n), generator=g).to(torch.int8)
     fw = FieldWeight(w, p)
     ref = field_matmul_reference(x, w, p)
     for c in cfgs:
         assert torch.equal(fk.field_matmul_triton(x, fw, c), ref), (T, n, m, p, c)
-x = torch.full((5, 128), 1099511627688); w = torch.full((64, 128), -128, dtype=torch.int8)
-for c in cfgs:
-    assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, 1099511627689), c),
-                       field_matmul_reference(x, w, 1099511627689))
+for p in (1099511627689, P48):
+    x = torch.full((5, 128), p - 1); w = torch.full((64, 128), -128, dtype=torch.int8)
+    for c in cfgs:
+        assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, p), c), field_matmul_reference(x, w, p))
+# int16: the kernel multiplies the stacked planes with x' = [256 x mod p | x]
+for (T, n, m, p) in [(5, 64, 64, 140179159515209), (3, 100, 70, P48)]:
+    x = torch.randint(0, p, (T, n), generator=g)
+    w = torch.randint(-32639, 32640, (m, n), generator=g).to(torch.int16)
+    fw = FieldWeight(w, p)
+    xk = torch.cat([torch.remainder(x * 256, p), x], dim=1)
+    ref = field_matmul_reference(x, w, p)
+    for c in cfgs:
+        assert torch.equal(fk.field_matmul_triton(xk, fw, c), ref), (T, n, m, p, c)
 x = torch.randint(0, 257, (21, 100), generator=g); w = torch.randint(-128, 128, (64, 100), generator=g).to(torch.int8)
 fk._INDEX_LIMIT = 100 * 2 * 4  # forces chunks of 4 tokens (int32 offset guard)
 assert torch.equal(fk.field_matmul_triton(x, FieldWeight(w, 257), cfgs[2]), field_matmul_reference(x, w, 257))
@@ -346,6 +403,26 @@ def test_cuda_big_shapes(m, n, T):
     full = field_matmul(torch.full((T, n), p - 1, dtype=torch.int64, device="cuda"),
                         FieldWeight(torch.full((m, n), -128, dtype=torch.int8, device="cuda"), p), p)
     assert bool((full == (p - 1) * -128 * n % p).all())
+
+
+@cuda
+@pytest.mark.parametrize("m,n", BIG_SHAPES)
+@pytest.mark.parametrize("T", [1, 16, 2048])
+def test_cuda_int16_big_shapes(m, n, T):
+    """int16 weights at Llama-8B shapes on the GPU, p = P47 (6 limbs, what n = 2^16 needs at 16
+    bits): Triton == f64 (independent limbs), big-int spot checks, and the all-extreme closed form."""
+    gen = torch.Generator().manual_seed(m * 5 + n + T)
+    p = P47
+    w = _rand((m, n), -Q16, Q16 + 1, gen, torch.int16)
+    x = _rand((T, n), 0, p, gen, torch.int64)
+    fw = FieldWeight(w.cuda(), p)
+    y = field_matmul(x.cuda(), fw, p)
+    assert torch.equal(y, field_matmul(x.cuda(), fw, p, backend="f64"))
+    _spot_check(y, x, w, p, gen)
+    for wv in (-Q16, Q16):
+        full = field_matmul(torch.full((T, n), p - 1, dtype=torch.int64, device="cuda"),
+                            FieldWeight(torch.full((m, n), wv, dtype=torch.int16, device="cuda"), p), p)
+        assert bool((full == (p - 1) * wv * n % p).all())
 
 
 def _masked_gemm_shapes(config) -> list[tuple[int, int]]:

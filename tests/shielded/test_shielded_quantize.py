@@ -125,21 +125,47 @@ def test_select_prime_meets_bound_and_is_minimal():
     assert required_modulus(704, 100) == 2 * 704 * 100 * 32767
 
 
-def test_select_prime_refuses_impossible_bounds():
-    # int16 weights with 16-bit activations: 2*4096*32639*32767 > 2^40
-    with pytest.raises(ValueError, match="2\\^40"):
-        select_prime({"big16": (4096, WEIGHT_QMAX[16])})
-    with pytest.raises(ValueError, match="2\\^40"):
-        select_prime([(600, WEIGHT_QMAX[16])])
-    # ... while fewer activation bits make them fit
-    p = select_prime([(4096, WEIGHT_QMAX[16])], act_bits=8)
-    assert p > 2 * 4096 * WEIGHT_QMAX[16] * 127
+def test_select_prime_int16_fits_every_width_and_refuses_impossible_bounds():
+    """int16 weights with 16-bit activations fit every inner dimension the field GEMM takes
+    (n <= 2^16: 2*n*32639*32767 < 2^47 < MAX_P = 2^48); int8 ones stay below 2^40 (5 limbs)."""
+    for n in (514, 515, 4096, 14336, 53248, 1 << 16):
+        p = select_prime({"w16": (n, WEIGHT_QMAX[16])})
+        assert 2 * n * WEIGHT_QMAX[16] * (2**15 - 1) < p < MAX_P and is_prime(p)
+        check_prime(p, {"w16": (n, WEIGHT_QMAX[16])})
+    assert select_prime([(1 << 16, WEIGHT_QMAX[16])]) < 2**47
+    assert select_prime([(53248, 127)]) < 2**40  # the largest Llama-family width, int8: 5 limbs
+    # a bound beyond 2^48 is refused with the limit named (activation bits are capped at 16, so
+    # only an out-of-grid weight magnitude gets there)
+    with pytest.raises(ValueError, match="2\\^48"):
+        select_prime({"huge": (1 << 16, 1 << 17)})
     with pytest.raises(ValueError, match="exceeds"):
         select_prime([(1 << 17, 127)])
     with pytest.raises(ValueError):
         select_prime([])
-    # the largest Llama-family inner dimension fits with int8 weights
-    assert select_prime([(53248, 127)]) < MAX_P
+    with pytest.raises(ValueError, match="2\\^48"):
+        check_prime(2**48 + 21, [(4, 3)])
+
+
+@pytest.mark.parametrize("n", [600, 4096])
+def test_int16_product_exact_at_widths_beyond_the_old_bound(n):
+    """PublicWeight with int16 weights at n > 514 (p > 2^40): extremes and random values against
+    Python integers, and the lift of the product recovers W_q x_q exactly."""
+    g = _gen(n)
+    p = select_prime([(n, WEIGHT_QMAX[16])])
+    assert p > 2**40
+    w = torch.randint(-WEIGHT_QMAX[16], WEIGHT_QMAX[16] + 1, (9, n), generator=g, dtype=torch.int16)
+    w[0] = WEIGHT_QMAX[16]
+    w[1] = -WEIGHT_QMAX[16]
+    x = torch.randint(0, p, (3, n), generator=g, dtype=torch.int64)
+    x[0] = p - 1
+    got = PublicWeight(w, p).matmul(x)
+    want = [[sum(a * b for a, b in zip(xr, wr)) % p for wr in w.tolist()] for xr in x.tolist()]
+    assert got.tolist() == want
+    # the worst case of the lift: x_q = +-qmax everywhere against +-32639 rows
+    x_q = torch.full((2, n), act_qmax(), dtype=torch.int64)
+    x_q[1] = -act_qmax()
+    y = centered_lift(PublicWeight(w, p).matmul(torch.remainder(x_q, p)), p)
+    assert torch.equal(y, x_q @ w.to(torch.int64).t())
 
 
 def test_reference_equals_python_integers():
