@@ -122,8 +122,9 @@ def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
         parts = {str(k): tuple(int(x) for x in v) for k, v in extra["parts"].items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"the shielded manifest lacks {exc}") from None
-    if weight_bits != 8:
-        raise BundleError(f"weight_bits {weight_bits}: this build serves int8 public weights only")
+    if weight_bits not in (8, 16):
+        raise BundleError(f"weight_bits {weight_bits}: public weights are int8 or int16 (8 or 16 bits)")
+    w_dtype = torch.int8 if weight_bits == 8 else torch.int16
     if int(meta.get("p", -1)) != p:
         raise BundleError("bundle.json and the manifest disagree on p")
     try:
@@ -152,8 +153,8 @@ def load_shielded_bundle(source: Union[str, Path, Bundle]) -> ShieldedBundle:
         entry = entries[key]
         m, n = entry.shape
         w_q = take(f"{key}.w_q")
-        if w_q.dtype != torch.int8 or tuple(w_q.shape) != (m, n):
-            raise BundleError(f"{key}: W_q must be int8 {(m, n)}")
+        if w_q.dtype != w_dtype or tuple(w_q.shape) != (m, n):
+            raise BundleError(f"{key}: W_q must be int{weight_bits} {(m, n)}")
         if sha256_bytes(w_q.contiguous().numpy().tobytes()) != entry.public_sha256:
             raise BundleError(f"{key}: W_q does not match the public manifest's hash")
         scale = take(f"{key}.scale")

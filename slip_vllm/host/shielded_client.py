@@ -79,8 +79,9 @@ class PublicShieldedWeights:
 
 
 def load_public_weights(public_dir) -> PublicShieldedWeights:
-    """Read OUT/public strictly: the manifest must be a shielded one, and every W_q must be int8,
-    of the manifest's shape and hash (``ManifestError`` otherwise)."""
+    """Read OUT/public strictly: the manifest must be a shielded one, and every W_q must be int8
+    (int16 for a manifest with ``weight_bits`` 16), of the manifest's shape and hash
+    (``ManifestError`` otherwise).  ``FieldWeight`` multiplies either width exactly."""
     public_dir = Path(public_dir)
     manifest, digest = read_public_manifest(public_dir)
     if manifest.protocol != "shielded":
@@ -88,11 +89,15 @@ def load_public_weights(public_dir) -> PublicShieldedWeights:
     p = int(manifest.extra["p"])
     layer_keys = list(manifest.extra["layer_keys"])
     tensors = load_file(str(public_dir / manifest.extra.get("public_weights_file", "model.safetensors")))
+    bits = int(manifest.extra.get("weight_bits", 8))
+    if bits not in (8, 16):
+        raise ManifestError(f"weight_bits {bits}: public weights are int8 or int16")
+    w_dtype = torch.int8 if bits == 8 else torch.int16
     weights: Dict[str, FieldWeight] = {}
     for entry in manifest.tensors:
         w = tensors.get(f"{entry.name}.w_q")
-        if w is None or w.dtype != torch.int8 or tuple(w.shape) != tuple(entry.shape):
-            raise ManifestError(f"{entry.name}: public weight is missing or not int8 {entry.shape}")
+        if w is None or w.dtype != w_dtype or tuple(w.shape) != tuple(entry.shape):
+            raise ManifestError(f"{entry.name}: public weight is missing or not int{bits} {entry.shape}")
         if sha256_bytes(w.contiguous().numpy().tobytes()) != entry.public_sha256:
             raise ManifestError(f"{entry.name}: public weight does not match the manifest's hash")
         weights[entry.name] = FieldWeight(w.contiguous(), p)
@@ -127,7 +132,7 @@ class ShieldedHost:
         self.backend, self.backend_reason = None, "default for the device"
         if all(w.w_q.device.type == "cpu" for w in self.weights.values()):
             self.backend, self.backend_reason = select_cpu_backend(
-                limb_count(self.p), sum(8 * w.m * w.n for w in self.weights.values()))
+                limb_count(self.p), sum(8 * w.m * w.k for w in self.weights.values()))
         if device is not None and torch.device(device) != self.device:
             self.use_device(device)
         self.url = service_url.rstrip("/")

@@ -113,6 +113,8 @@ class ProtectConfig:
     default_rank: RankPolicy = field(default_factory=lambda: RankPolicy(fraction=0.125))
     # (glob pattern on the checkpoint name, policy); first match wins.
     overrides: list[tuple[str, RankPolicy]] = field(default_factory=list)
+    # shielded: width of the public integer weights W_q, 8 | 16 (configs/protect.yaml says why 16)
+    weight_bits: int = 16
     blinding: bool = True
     seed: int | None = None  # None: fresh CSPRNG seed (required for real use, see below)
     lock: str | None = None  # shielded only: none | perm | block[:b] (None: core.lock.DEFAULT_LOCK)
@@ -123,7 +125,7 @@ class ProtectConfig:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
             raise ProtectError(f"cannot read config {path}: {exc}") from None
-        known = {"protocol", "rank", "blinding", "seed", "lock"}
+        known = {"protocol", "rank", "blinding", "seed", "lock", "weight_bits"}
         unknown = set(data) - known
         if unknown:
             raise ProtectError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -139,6 +141,9 @@ class ProtectConfig:
                 cfg.overrides.append((pattern, RankPolicy.from_dict(item)))
         except (ValueError, KeyError, TypeError) as exc:
             raise ProtectError(f"{path}: bad rank section: {exc}") from None
+        cfg.weight_bits = data.get("weight_bits", cfg.weight_bits)
+        if isinstance(cfg.weight_bits, bool) or cfg.weight_bits not in (8, 16):
+            raise ProtectError(f"{path}: weight_bits must be 8 or 16, got {cfg.weight_bits!r}")
         cfg.blinding = bool(data.get("blinding", True))
         cfg.seed = data.get("seed")
         cfg.lock = None if data.get("lock") is None else str(data["lock"])

@@ -6,7 +6,8 @@ The artifact layout of protocol ``shielded`` for the Llama family (llama, mistra
 written by ``write_shielded``:
 
 OUT/public (the untrusted host gets ONLY what it needs to run the masked GEMMs and the scheduler):
-  * ``model.safetensors``: one int8 tensor ``<layer key>.w_q`` [m, n] per fused masked GEMM:
+  * ``model.safetensors``: one int8 (``--weight-bits 8``) or int16 (``--weight-bits 16``) tensor
+    ``<layer key>.w_q`` [m, n] per fused masked GEMM:
     ``layers.<i>.qkv``, ``layers.<i>.o``, ``layers.<i>.gate_up``, ``layers.<i>.down``, ``lm_head``;
   * ``slip_manifest.json`` (protocol ``shielded``): per layer key its shape, total secret rank and
     the SHA-256 of its W_q; in ``extra``: p, weight/activation bits, the ordered layer keys and the
@@ -87,7 +88,9 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
     else:  # a fixed seed (tests only, warned about by ``protect``) fixes the lock too
         lock_key = seed_lock_key(int(seed))
     locks = ShieldedExecutor.draw_locks(splits, lock_spec, lock_key)
-    ex = ShieldedExecutor(model_cfg, splits, embed, norms, num_blocks=1, block_size=1, mode="shielded",
+    weight_bits = int(getattr(config, "weight_bits", 8))  # 8 | 16: width of the public W_q
+    ex = ShieldedExecutor(model_cfg, splits, embed, norms, num_blocks=1, block_size=1, weight_bits=weight_bits,
+                          mode="shielded",
                           pool_rows=0, locks=locks)
     try:
         quantized, p, vectors = ex.quantized_weights(), int(ex.p), ex.freivalds_vectors()
@@ -121,7 +124,7 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
     manifest = Manifest(protocol="shielded", architecture=arch, model_type=hf_config.model_type,
                         tied_embeddings=tied, tensors=entries,
                         extra={"rank_policy": config.default_rank.describe(), "blinding": config.blinding,
-                               "p": p, "weight_bits": 8, "act_bits": act_bits, "layer_keys": keys,
+                               "p": p, "weight_bits": weight_bits, "act_bits": act_bits, "layer_keys": keys,
                                "parts": {k: list(splits[k].parts) for k in keys},
                                "public_weights_file": PUBLIC_WEIGHTS_FILE})
     manifest_text = manifest.to_json()

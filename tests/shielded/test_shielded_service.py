@@ -50,20 +50,24 @@ def artifacts(tmp_path_factory):
     """name -> (original dir, protected dir): Llama through the CLI, Qwen2 (tied) through the API.
 
     One torch thread everywhere: LAPACK's SVD may pick other (equally exact) singular bases with
-    another thread count, and the comparisons below are bit for bit with a split made in-process."""
+    another thread count, and the comparisons below are bit for bit with a split made in-process.
+    int8 public weights (``--weight-bits 8``, not the default 16): the comparisons are with the
+    in-process executor at its int8 default and test_executor's int8 error budget; 16-bit
+    artifacts are covered by test_shielded_precision.py and the serving tests."""
     import os
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("shielded-artifacts")
     llama = make_tiny_model("llama", root / "llama", hidden=128, layers=2, heads=4, kv_heads=2, seed=3)
     r = subprocess.run([sys.executable, "-m", "slip_vllm.cli", "protect", "--model", str(llama), "--out",
-                        str(root / "llama-out"), "--protocol", "shielded", "--rank", "8", "--seed", str(SEED)],
+                        str(root / "llama-out"), "--protocol", "shielded", "--rank", "8", "--seed", str(SEED),
+                        "--weight-bits", "8"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "protocol shielded" in r.stdout
     qwen = make_tiny_model("qwen2", root / "qwen2", hidden=128, layers=2, heads=4, kv_heads=2, tie=True, seed=3)
-    protect(qwen, root / "qwen2-out", ProtectConfig(protocol="shielded", default_rank=POLICY, seed=SEED),
-            progress=False)
+    protect(qwen, root / "qwen2-out", ProtectConfig(protocol="shielded", default_rank=POLICY, seed=SEED,
+                                                    weight_bits=8), progress=False)
     return {"llama": (Path(llama), root / "llama-out"), "qwen2": (Path(qwen), root / "qwen2-out")}
 
 
