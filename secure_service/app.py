@@ -94,9 +94,11 @@ def create_app(bundle: Bundle, *, token: str = "", max_body_bytes: int | None = 
     info = {**bundle.info(), "instance": instance}
     shielded = None
     if bundle.protocol == "shielded":
+        from secure_service.logits_policy import LogitsPolicy
         from secure_service.shielded_api import ShieldedService
 
-        opts = {"num_blocks": cfg.shielded_kv_blocks, "block_size": cfg.shielded_block_size,
+        policy = LogitsPolicy(cfg.shielded_logits_policy, cfg.shielded_logits_topk)  # a bad value: ValueError
+        opts = {"logits_policy": policy, "num_blocks": cfg.shielded_kv_blocks, "block_size": cfg.shielded_block_size,
                 "timeout_s": cfg.shielded_step_timeout_s, "mask_audit": cfg.mask_audit,
                 "owner_lease_s": cfg.shielded_owner_lease_s, "instance": instance,
                 "timeout_per_row_s": cfg.shielded_step_timeout_per_row_ms * 1e-3,

@@ -40,7 +40,8 @@ Protocol of one step (the host sees only x~, which is uniform in Z_p, and the fi
      rolled back, masks destroyed), the alarm counter rises (``/v1/stats``) and the host gets 422
      "integrity: ...".  Otherwise the generator runs on to its next ask (step 2).
   4. repeat 2-3 (4 calls per decoder layer + the LM head) until the generator returns the logits;
-     they go to the host in plaintext for its sampler (black-box output).
+     they go to the host in plaintext for its sampler (black-box output), through the service's
+     logits policy (``logits_policy.LogitsPolicy``: ``full``, or only the top-K logits per row).
      Deferred step (the vLLM integration): the frame asks for no logits; after the last layer the
      service keeps the final-normed hidden rows of the step (secret, never sent) and answers
      MSG_READY; each later MSG_ROWS runs the masked LM head on the chosen rows (steps 2-3 once)
@@ -82,6 +83,7 @@ from typing import Optional
 import torch
 
 from secure_service.integrity import IntegrityError
+from secure_service.logits_policy import LogitsPolicy
 from secure_service.masks import MaskAuditRecorder
 from secure_service.shielded_executor import ShieldedExecutor, StepGen
 from secure_service.step_checks import StepLimits, StepRejected, check_rows, check_step
@@ -124,14 +126,17 @@ class ShieldedService:
     def __init__(self, bundle_dir, *, num_blocks: int, block_size: int, timeout_s: float = 60.0,
                  pool_rows: Optional[int] = None, mask_audit: bool = False, owner_lease_s: float = 60.0,
                  instance: int = 0, timeout_per_row_s: float = 0.0, max_model_len: int = 0,
-                 max_step_tokens: int = 8192):
+                 max_step_tokens: int = 8192, logits_policy: Optional[LogitsPolicy] = None):
         """mask_audit: fingerprint every mask row handed out (``MaskAuditRecorder``) and report the
         audit in ``stats()`` (rows, unique rows, repeats).  instance: the service process's id
         (random if 0); owner_lease_s: see "One engine per service" in the module docstring.
         bundle_dir: the secret bundle's directory, or the ``bundle.Bundle`` the caller loaded (and
         hashed) already, so it is loaded once.  timeout_s + timeout_per_row_s * rows: how long an
         ask of that many rows waits for the host's answer.  max_model_len (0: the model's
-        max_position_embeddings) and max_step_tokens: the caps of ``step_checks.StepLimits``."""
+        max_position_embeddings) and max_step_tokens: the caps of ``step_checks.StepLimits``.
+        logits_policy: what every MSG_LOGITS reply lets out (None: ``full``, for in-process use;
+        the service app passes ``SLIP_SHIELDED_LOGITS_POLICY``, default ``topk``)."""
+        self.logits_policy = logits_policy if logits_policy is not None else LogitsPolicy("full")
         self.audit = MaskAuditRecorder() if mask_audit else None
         self.executor = ShieldedExecutor.from_bundle(bundle_dir, num_blocks=num_blocks, block_size=block_size,
                                                      pool_rows=pool_rows, mask_recorder=self.audit,
@@ -163,7 +168,8 @@ class ShieldedService:
         ex = self.executor
         return {"p": ex.p, "masked_gemms_per_step": len(ex.layer_keys()), "kv_blocks": ex.cache.num_blocks,
                 "block_size": ex.cache.block_size, "steps_in_flight_max": 1, "max_model_len": self.limits.max_model_len,
-                "step_timeout_s": self.timeout_s, "step_timeout_per_row_s": self.timeout_per_row_s}
+                "step_timeout_s": self.timeout_s, "step_timeout_per_row_s": self.timeout_per_row_s,
+                "logits_policy": self.logits_policy.describe()}
 
     def step_timeout(self, rows: int) -> float:
         """Seconds an ask of ``rows`` token rows may wait for its answer: timeout_s + timeout_per_row_s * rows."""
@@ -292,7 +298,7 @@ class ShieldedService:
             self._count("steps_completed")
         else:
             run.ready.next_call = run.call + 1
-        return self._message(MSG_LOGITS, run.id, run.call + 1, "", result.to(torch.float32))
+        return self._message(MSG_LOGITS, run.id, run.call + 1, "", self.logits_policy.apply(result))
 
     # -- the three calls -------------------------------------------------------------------------
 

@@ -175,6 +175,18 @@ class Settings:
                   "help": "shielded: one engine holds the service (its KV mirror); another engine's claim is "
                           "refused (409) until the holder has been silent this long"},
     )
+    shielded_logits_policy: str = field(
+        default="topk",
+        metadata={"env": "SLIP_SHIELDED_LOGITS_POLICY",
+                  "help": "shielded: what the service returns of the LM head: topk (the top-K logits of each row, "
+                          "the rest -inf: greedy unchanged, sampling top-K truncated, log-probs beyond K unavailable) "
+                          "or full (every float32 logit: the host can run the logit-matrix attack; docs/SECURITY.md)"},
+    )
+    shielded_logits_topk: int = field(
+        default=20,
+        metadata={"env": "SLIP_SHIELDED_LOGITS_TOPK",
+                  "help": "shielded: K of the topk logits policy (>= 1; keep it below the hidden size)"},
+    )
     log_level: str = field(
         default="INFO",
         metadata={"env": "SLIP_LOG_LEVEL", "help": "log level of the plugin and the service"},

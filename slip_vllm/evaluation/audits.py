@@ -12,6 +12,8 @@ What this module owns
     traffic;
 (d) :func:`mask_freshness_audit`: duplicates, uniformity and plaintext correlation of the masked
     values of a recorded ``shielded`` run;
+(e) :func:`logit_matrix_audit`: the logit-matrix attack (Carlini et al. 2024) on the logits rows a
+    ``shielded`` host receives under each logits policy of the service;
 and the two recorders that produce the traffic: :class:`SplitTraffic` (the ``split`` protocol run in
 process: the public residual model as the host, the service's own :class:`SplitExecutor` as the
 secure side) and :func:`record_shielded_run` (the service's :class:`ShieldedExecutor` driven through
@@ -881,3 +883,94 @@ def mask_freshness_audit(rec: ShieldedRecording) -> MaskFreshnessAudit:
 
 def as_dict(obj) -> dict:
     return asdict(obj)
+
+
+# ==================================================================================================
+# (e) the logit-matrix attack on what a shielded host receives of the LM head
+
+
+@dataclass
+class LogitPolicyResult:
+    policy: str
+    rows: int
+    observed_per_row: int     # finite logits per row the host receives
+    rank_estimate: int        # the attacker's estimate of the hidden size (singular-value drop)
+    subspace_overlap: float   # mean squared cosine of the attacker's d-dim estimate with span(LM head)
+    chance: float             # d / vocab: a random d-dim subspace
+    heldout_rel_error: float  # relative error predicting held-out rows' received logits from the estimate
+
+
+@dataclass
+class LogitMatrixAudit:
+    hidden: int
+    vocab: int
+    results: list[LogitPolicyResult]
+    rule: str
+    seconds: float
+
+
+def _completion(z: torch.Tensor, seen: torch.Tensor, d: int, iters: int) -> torch.Tensor:
+    """Rank-d completion of the partially observed logit matrix (hard impute): unseen entries start
+    at the row's smallest seen value and are replaced by the rank-d SVD fit, ``iters`` times."""
+    fill = torch.where(seen, z, torch.zeros_like(z))
+    low = torch.where(seen, z, torch.full_like(z, math.inf)).min(dim=1, keepdim=True).values
+    x = torch.where(seen, z, low.expand_as(z))
+    for _ in range(iters):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        approx = (u[:, :d] * s[:d]) @ vh[:d]
+        x = torch.where(seen, fill, approx)
+    return x
+
+
+def logit_matrix_audit(model_dir: Path, windows: Sequence[torch.Tensor], *, policies: Sequence = (),
+                       holdout: int = 200, iters: int = 30, num_threads: int = 2) -> LogitMatrixAudit:
+    """Attack (e): what the host learns about the LM head from the logits it receives.
+
+    Protocol:
+      1. the logits rows of the prompts' positions (the host names the rows it wants; the model's
+         logits, which the service's equal up to its fixed-point rounding) are passed through each
+         policy (``secure_service.logits_policy.LogitsPolicy.apply``: what the host receives);
+      2. the attacker stacks N received rows, Z = H A^T (A: the effective LM head, V x d, h: the
+         secret final hidden states); where entries are -inf it completes Z at rank d (hard impute,
+         given the true d: generous); it estimates the hidden size from the singular-value drop
+         (largest ratio s_i / s_{i+1}) and span(A) as the top-d right singular vectors;
+      3. the evaluator scores the estimate: mean squared cosine with span(A) (chance d / V) and the
+         relative error of predicting held-out received rows (their finite entries) from it.
+    "Recovered" means overlap >= 0.99 (the head up to a d x d map; with the public int8 W_q of the
+    head the per-row scales follow).
+    """
+    from secure_service.logits_policy import LogitsPolicy
+
+    t0 = time.perf_counter()
+    policies = list(policies) or [LogitsPolicy("full"), LogitsPolicy("topk", 20)]
+    with rm.deterministic(num_threads):
+        model = rm.load_model(model_dir)
+        with torch.no_grad():
+            z = torch.cat([model(input_ids=w[None], use_cache=False).logits[0] for w in windows]).double()
+        head = model.get_output_embeddings().weight.detach().double()  # [V, d]
+    vocab, d = int(head.shape[0]), int(head.shape[1])
+    basis = torch.linalg.qr(head)[0]
+    n = int(z.shape[0]) - holdout
+    if n <= d:
+        raise ValueError(f"{z.shape[0]} rows are too few: need more than the hidden size {d} + {holdout} held out")
+    results = []
+    for policy in policies:
+        got = policy.apply(z.float()).double()
+        seen = torch.isfinite(got)
+        train, test, seen_tr, seen_te = got[:n], got[n:], seen[:n], seen[n:]
+        x = train if bool(seen_tr.all()) else _completion(train, seen_tr, d, iters)
+        s = torch.linalg.svdvals(x)
+        ratio = s[:-1] / s[1:].clamp_min(1e-300)
+        rank_est = int(torch.argmax(ratio[:min(len(ratio), 4 * d)]).item()) + 1
+        vh = torch.linalg.svd(x, full_matrices=False)[2][:d].T  # [V, d]
+        overlap = float((basis.T @ vh).pow(2).sum() / d)
+        # held-out rows: fit each row's coefficients on its finite entries, predict them back
+        errs = []
+        for row, mask in zip(test, seen_te):
+            a = vh[mask]
+            coef = torch.linalg.lstsq(a, row[mask][:, None]).solution
+            errs.append(float(torch.linalg.norm(a @ coef - row[mask][:, None]) / torch.linalg.norm(row[mask])))
+        results.append(LogitPolicyResult(policy.describe(), n, int(seen_tr.sum(1).float().mean().item()), rank_est,
+                                         overlap, d / vocab, float(np.median(errs))))
+    rule = "recovered: subspace overlap >= 0.99 (the LM head up to a d x d map); chance = d / vocab"
+    return LogitMatrixAudit(d, vocab, results, rule, time.perf_counter() - t0)

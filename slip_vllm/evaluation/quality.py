@@ -244,7 +244,10 @@ def served_artifact(out_dir: Path, log_dir: Path, name: str, *, max_model_len: i
 
     protocol = json.loads((out_dir / "public" / "config.json").read_text()).get(
         "quantization_config", {}).get("protocol", "?")
-    service = launch.secure_service(out_dir / "secret", log_dir, name=f"{name}-service")
+    # shielded: full logits, since the quality rows score the model's own prompt log-probs (the
+    # service's default policy sends only the top-K logits per row; docs/SECURITY.md)
+    service = launch.secure_service(out_dir / "secret", log_dir, name=f"{name}-service",
+                                    SLIP_SHIELDED_LOGITS_POLICY="full")
     vllm = launch.vllm_server(out_dir / "public", log_dir, f"{name}-vllm", slip=True, service_url=service.url,
                               extra_args=["--enforce-eager", "--max-model-len", str(max_model_len)])
     try:

@@ -38,7 +38,8 @@ KV_BLOCKS, MAX_STEP_TOKENS = 32, 64
 SHIELDED_ENV = {"SLIP_SHIELDED_KV_BLOCKS": str(KV_BLOCKS), "SLIP_SHIELDED_BLOCK_SIZE": str(BLOCK_SIZE),
                 "SLIP_MASK_POOL_ROWS": "16", "SLIP_MASK_PRECOMPUTE_CHUNK": "16",
                 "SLIP_MAX_STEP_TOKENS": str(MAX_STEP_TOKENS), "SLIP_SHIELDED_OWNER_LEASE_S": "0.3",
-                "SLIP_SERVICE_TOKEN": "tok"}
+                "SLIP_SERVICE_TOKEN": "tok",
+                "SLIP_SHIELDED_LOGITS_POLICY": "full"}  # the exactness check compares every logit
 AUTH = {"authorization": "Bearer tok", "content-type": "application/octet-stream"}
 _PATH = {wire.EP_SPLIT_APPLY: "/v1/split/apply", wire.EP_SHIELDED_STEP: "/v1/shielded/step",
          wire.EP_SHIELDED_GEMM: "/v1/shielded/gemm", wire.EP_SHIELDED_LOGITS: "/v1/shielded/logits"}

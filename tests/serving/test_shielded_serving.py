@@ -70,7 +70,10 @@ def stack(tmp_path_factory, log_dir):
                         "--protocol", "shielded", "--seed", str(SEED)],  # default rank: 1/8 of min(m, n)
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    service = secure_service(out / "secret", log_dir, name="shielded-service", **SERVICE_ENV).start().wait_ready(120)
+    # full logits: this stack measures the model's own log-probs and replays every logit bit for bit
+    # (shm_stack serves the default policy, topk:20, and checks greedy tokens)
+    service = secure_service(out / "secret", log_dir, name="shielded-service", SLIP_SHIELDED_LOGITS_POLICY="full",
+                             **SERVICE_ENV).start().wait_ready(120)
     proxy = RecordingProxy("127.0.0.1", service.port)
     args = ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
     slip = vllm_server(out / "public", log_dir, "shielded-slip", slip=True, service_url=proxy.url,

@@ -39,7 +39,9 @@ from test_executor import (ABS_TOL, AGREE_INT8, BLOCK_SIZE, NUM_BLOCKS, POLICY, 
 SEED = 11
 SERVICE_ENV = {"SLIP_SHIELDED_KV_BLOCKS": str(NUM_BLOCKS), "SLIP_SHIELDED_BLOCK_SIZE": str(BLOCK_SIZE),
                "SLIP_MASK_POOL_ROWS": "16", "SLIP_MASK_PRECOMPUTE_CHUNK": "16",
-               "SLIP_SHIELDED_OWNER_LEASE_S": "0"}  # hosts of the tests take turns: no engine holds the service
+               "SLIP_SHIELDED_OWNER_LEASE_S": "0",
+               # these tests compare every logit with the in-process executor: the whole row must come back
+               "SLIP_SHIELDED_LOGITS_POLICY": "full"}  # hosts of the tests take turns: no engine holds the service
 PUBLIC_ALLOWED = {"config.json", "slip_manifest.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja"}
 SECRET_WORDS = ("scale", "norm", "bias", "embed", "factor", "left", "right", "freivalds", "secret", "bundle")
@@ -447,7 +449,8 @@ def test_info_reveals_no_secrets_and_the_split_plane_is_closed(artifacts, servic
                          "secret_parameters", "p", "masked_gemms_per_step", "kv_blocks", "block_size",
                          "steps_in_flight_max", "data_planes", "max_model_len", "step_timeout_s",
                          "step_timeout_per_row_s", "max_step_tokens", "max_body_bytes", "instance", "kv_epoch",
-                         "engine_attached", "owner_lease_s", "licences"}
+                         "engine_attached", "owner_lease_s", "licences", "logits_policy"}
+    assert info["logits_policy"] == "full"  # the module's services run with SLIP_SHIELDED_LOGITS_POLICY=full
     r = httpx.post(service.url + "/v1/split/apply", content=b"x" * 64)
     assert r.status_code == 403
 
@@ -653,6 +656,51 @@ def test_service_advances_each_step_in_the_calling_thread(artifacts, reference):
     stats = svc.stats()
     assert stats["steps_started"] == stats["steps_completed"] == len(steps) and stats["steps_aborted"] == 0
     svc.close()
+
+
+def test_topk_logits_policy_sends_only_the_top_k_logits_and_keeps_the_argmax(artifacts, reference, monkeypatch):
+    """The logits policy at the boundary: with ``topk:5`` every logits row the host receives holds
+    the 5 largest logits of the full row (the same service with ``full``), bit for bit at their
+    positions, and -inf elsewhere,
+    so its argmax (vLLM's greedy choice) is the full row's; the app reads the policy from the
+    settings (default topk:20) and reports it in /v1/info; a bad policy is refused at start."""
+    from secure_service.app import create_app
+    from secure_service.bundle import load_bundle
+    from secure_service.logits_policy import LogitsPolicy
+    from slip_vllm.settings import Settings, settings
+
+    steps, _ = reference("llama")
+    served = {}
+    for policy in (LogitsPolicy("full"), LogitsPolicy("topk", 5)):
+        svc = _svc(artifacts, logits_policy=policy)
+        assert svc.info()["logits_policy"] == policy.describe()
+        host = _Host(svc.executor)
+        served[policy.name] = []
+        for i, st in enumerate(steps, start=1):
+            served[policy.name] += _rows_of(st, _finish(svc, _start(svc, i, st), host).payload)
+        svc.close()
+    rows, ref_rows = served["topk"], served["full"]
+    assert len(rows) == len(ref_rows) == 44
+    for (_, _, got), (_, _, full) in zip(rows, ref_rows):
+        top = torch.topk(full, 5).indices
+        finite = torch.isfinite(got)
+        assert int(finite.sum()) == 5 and bool(finite[top].all())
+        assert torch.equal(got[top], full[top]) and bool((got[~finite] == float("-inf")).all())
+        assert int(got.argmax()) == int(full.argmax())
+    assert Settings.from_env({}).shielded_logits_policy == "topk" and Settings.from_env({}).shielded_logits_topk == 20
+    _, out = artifacts["llama"]
+    with pytest.raises(ValueError, match="logits policy"):
+        LogitsPolicy("sample")
+    with pytest.raises(ValueError, match="top-K"):
+        LogitsPolicy("topk", 0)
+    monkeypatch.setenv("SLIP_SHIELDED_LOGITS_POLICY", "sample")  # not implemented: the service refuses to start
+    settings(refresh=True)
+    try:
+        with pytest.raises(ValueError, match="logits policy"):
+            create_app(load_bundle(out / "secret"))
+    finally:
+        monkeypatch.undo()
+        settings(refresh=True)
 
 
 def test_a_new_step_rolls_the_superseded_one_back_before_it_runs(artifacts, reference):
