@@ -135,8 +135,9 @@ def locked_artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("locked-artifact")
     model = make_tiny_model("llama", root / "llama", hidden=64, layers=1, heads=4, kv_heads=2, seed=3)
     out = root / "out"
-    protect(model, out, ProtectConfig(protocol="shielded", default_rank=POLICY, seed=11, lock="block:16"),
-            progress=False)
+    # int8 weights, as the in-process executor it is compared with (slip protect defaults to 16 bits)
+    protect(model, out, ProtectConfig(protocol="shielded", default_rank=POLICY, seed=11, lock="block:16",
+                                      weight_bits=8), progress=False)
     return model, out
 
 
