@@ -20,7 +20,7 @@ Where it runs and what it holds
 -------------------------------
 Inside the secure service only (never imports vLLM).  It reads secrets: the factors of W_C, the
 per-channel weight scales, biases, norm gains, the embedding table and the Freivalds vectors u.
-It also reads a copy of the public int8 weights W_q (the service needs them for the mask images
+It also reads a copy of the public int8/int16 weights W_q (the service needs them for the mask images
 W_q r and the Freivalds images u^T W_q) and checks each against the public manifest's hash, so a
 bundle cannot be paired with another artifact's public half.
 

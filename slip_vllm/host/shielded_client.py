@@ -5,7 +5,7 @@ What this module owns
 ``ShieldedHost``: everything the host does in protocol ``shielded`` for one engine step, over its
 transport (``host.transport``: a shared-memory channel for shm://, HTTP for http://) to the
 secure service (``secure_service.shielded_api``).  It holds only what the host is allowed to hold:
-the public int8 weights W_q of every masked GEMM, p and the layer keys, read from OUT/public
+the public int16 or int8 weights W_q of every masked GEMM, p and the layer keys, read from OUT/public
 (``slip protect --protocol shielded``).  Over the wire it sees only the masked activations x~
 (uniform in Z_p), its own products y~ and the final float logits.  The vLLM model
 (``host.shielded_model``) drives it from inside vLLM's runner.

@@ -36,8 +36,8 @@ Steps
    ``core.lock.make_locks`` from a 32-byte artifact key: ``os.urandom``, or derived from
    ``--seed`` when a fixed seed is given for tests) and build the ``ShieldedExecutor`` from the
    split and the locks: it quantizes the locked W_D' = M_out W_D M_in (float64, before any
-   quantization) per output channel to int8, chooses p above the exactness bound of every layer,
-   and draws the Freivalds vectors (of the locked W_q) from the OS CSPRNG.  Fused GEMMs (qkv,
+   quantization) per output channel to int8 or int16 (``--weight-bits``), chooses p above the
+   exactness bound of every layer, and draws the Freivalds vectors (of the locked W_q) from the OS CSPRNG.  Fused GEMMs (qkv,
    gate_up) get one lock over their whole output: the output side mixes the rows of all parts
    (the host cannot tell q from k or v, gate from up), and the service unlocks the whole output
    before cutting it into parts; bias and W_C x are added after the unlock, in plain coordinates;
