@@ -897,7 +897,7 @@ class LogitPolicyResult:
     rank_estimate: int        # the attacker's estimate of the hidden size (singular-value drop)
     subspace_overlap: float   # mean squared cosine of the attacker's d-dim estimate with span(LM head)
     chance: float             # d / vocab: a random d-dim subspace
-    heldout_rel_error: float  # relative error predicting held-out rows' received logits from the estimate
+    heldout_rel_error: float  # relative error predicting held-out rows' received logits (nan: <= d per row)
 
 
 @dataclass
@@ -965,12 +965,62 @@ def logit_matrix_audit(model_dir: Path, windows: Sequence[torch.Tensor], *, poli
         vh = torch.linalg.svd(x, full_matrices=False)[2][:d].T  # [V, d]
         overlap = float((basis.T @ vh).pow(2).sum() / d)
         # held-out rows: fit each row's coefficients on its finite entries, predict them back
+        # (only rows with more finite entries than d say anything: d coefficients fit d entries exactly)
         errs = []
         for row, mask in zip(test, seen_te):
+            if int(mask.sum()) <= d:
+                continue
             a = vh[mask]
             coef = torch.linalg.lstsq(a, row[mask][:, None]).solution
             errs.append(float(torch.linalg.norm(a @ coef - row[mask][:, None]) / torch.linalg.norm(row[mask])))
         results.append(LogitPolicyResult(policy.describe(), n, int(seen_tr.sum(1).float().mean().item()), rank_est,
-                                         overlap, d / vocab, float(np.median(errs))))
+                                         overlap, d / vocab, float(np.median(errs)) if errs else math.nan))
     rule = "recovered: subspace overlap >= 0.99 (the LM head up to a d x d map); chance = d / vocab"
     return LogitMatrixAudit(d, vocab, results, rule, time.perf_counter() - t0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m slip_vllm.evaluation.audits spectral-gap|logit-matrix [--preset tiny|full]``: one
+    audit on its own (the report runs them all), printed as a table."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m slip_vllm.evaluation.audits")
+    ap.add_argument("audit", choices=["spectral-gap", "logit-matrix"])
+    ap.add_argument("--preset", default="tiny", choices=sorted(rm.PRESETS))
+    ap.add_argument("--fraction", type=float, default=0.125)
+    ap.add_argument("--trials", type=int, default=SPECTRAL_GAP_TRIALS)
+    ap.add_argument("--rows", type=int, default=2240, help="logit-matrix: logits rows of validation text")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    cfg = rm.PRESETS[args.preset]
+    torch.set_num_threads(args.threads)
+    if args.audit == "spectral-gap":
+        models = {"reference": rm.get_reference_model(None, cfg), "finetuned": rm.get_base_finetune_pair(None, cfg)[1]}
+        with tempfile.TemporaryDirectory() as work:
+            for label, model_dir in models.items():
+                # the label (it keys the fresh blindings) is the model directory's name
+                res = spectral_gap_audit(model_dir, Path(work), args.fraction, label=model_dir.name,
+                                         trials=args.trials)
+                print(f"{label} ({model_dir.name}), {res.seconds:.0f} s\n  {res.verdict}\n  {res.block_verdict}")
+                for m in res.matrices:
+                    print(f"  {m.name:48s} k={m.rank:<4d} published {m.published_ratio:5.2f}x  shipped {m.mixed_ratio:5.2f}x"
+                          f"  block {m.block_ratio:5.2f}x  control {m.control_ratio:5.2f}x")
+        return 0
+    from secure_service.logits_policy import LogitsPolicy
+
+    model_dir = rm.get_reference_model(None, cfg)
+    data = rm.load_reference_data(model_dir)
+    L = 64  # windows of 64 validation tokens, one logits row per position
+    windows = [data.val_ids[i:i + L] for i in range(0, min(data.val_ids.numel() - L, args.rows), L)]
+    res = logit_matrix_audit(model_dir, windows, num_threads=args.threads, policies=[LogitsPolicy("full")] + [
+        LogitsPolicy("topk", k) for k in (1, 5, 20, 64, 128)])
+    print(f"hidden {res.hidden}, vocab {res.vocab}, {res.seconds:.0f} s; {res.rule}")
+    for r in res.results:
+        print(f"  {r.policy:9s} rows {r.rows}  finite/row {r.observed_per_row:4d}  hidden-size estimate "
+              f"{r.rank_estimate:4d}  overlap {r.subspace_overlap:.3f} (chance {r.chance:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
