@@ -42,13 +42,18 @@ Kinds
   permutations, Q_j Haar-random orthogonal b x b (K = ceil(d / b); when b does not divide d the
   last block is a Haar-random orthogonal r x r, r = d mod b, padded with the identity).  As row
   operations: x @ M = gather(perm_1) -> per-block product -> gather(perm_2).  Costs O(b d) per row
-  and side (``benchmarks/bench_lock.py``), against the m*n of a mask image W_q r.  The service's
-  products (``lock_input``, ``unlock_output``) are float32 (``BLOCK_DTYPE``): their rounding,
-  about sqrt(b) 2^-24 relative, is far below the 16-bit activation fixed point (2^-16) and the
-  int8 weights (2^-8) of the same sum, and float32 products run about 5x faster than float64
-  here; the weight is locked in float64 at protect time (``lock_weight``).  A block lock changes
-  the rounding of W_D x, so it is part of the fixed-point specification
-  (``quantize.shielded_linear_reference(..., lock=...)``), which calls the same functions.
+  and side (``benchmarks/bench_lock.py``), against the m*n of a mask image W_q r.  Precision:
+  ``lock_input`` is float64, because its result is quantized next: a last-bit difference (BLAS
+  picks its kernel by the number of rows, so a row's bits can depend on how many rows share the
+  product) would flip a 16-bit rounding now and then, a 2^-16-relative jump (measured 2.4e-5 on
+  logits between two groupings of the same rows with float32 here); in float64 such a flip needs
+  a tie within 2^-52.  ``unlock_output`` runs after the integers are fixed and is float32
+  (``BLOCK_DTYPE``): its rounding, about sqrt(b) 2^-24 relative, is far below the 16-bit
+  activations (2^-16) and int8 weights (2^-8) of the same sum, and float32 products run about
+  5x faster than float64 here.  The weight is locked in float64 at protect time
+  (``lock_weight``).  A block lock changes the rounding of W_D x, so it is part of the
+  fixed-point specification (``quantize.shielded_linear_reference(..., lock=...)``), which calls
+  the same functions.
 
 Randomness
 ----------
@@ -74,7 +79,7 @@ __all__ = ["LOCK_KINDS", "DEFAULT_LOCK", "LockSpec", "parse_lock", "SideTransfor
            "gemm_seed", "make_locks", "seed_lock_key"]
 
 LOCK_KINDS = ("none", "perm", "block")
-BLOCK_DTYPE = torch.float32  # the precision of the block products (module docstring, "Kinds")
+BLOCK_DTYPE = torch.float32  # the precision of unlock_output's block products (module docstring, "Kinds")
 DEFAULT_LOCK = "block:32"  # see docs/BENCHMARKS.md "Lock" for the cost and quality that chose it
 _DOMAIN = b"slip-lock/v1"
 
@@ -245,7 +250,7 @@ class SideTransform:
 
     def apply(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
         """x @ M for x [T, d]: a block transform computes in ``BLOCK_DTYPE`` (float64 with
-        ``precise``, for weights at protect time); a permutation keeps x's dtype and values."""
+        ``precise``: ``lock_weight`` and ``lock_input``); a permutation keeps x's dtype and values."""
         if self.blocks is None:
             return x.index_select(1, self.perm_in)
         if precise:
@@ -326,9 +331,10 @@ class GemmLock:
         return out
 
     def lock_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x' = x @ M_in for x [T, n] (``BLOCK_DTYPE`` for a block lock; a permutation keeps the dtype)."""
+        """x' = x @ M_in for x [T, n] (float64 for a block lock, since it is quantized next; a
+        permutation keeps the dtype)."""
         self._check(x, self.n, "x")
-        return x if self.is_identity else self.in_side.apply(x)
+        return x if self.is_identity else self.in_side.apply(x, precise=True)
 
     def unlock_output(self, y: torch.Tensor) -> torch.Tensor:
         """y = y' @ M_out for y' [T, m] (``BLOCK_DTYPE`` for a block lock; a permutation keeps the dtype)."""
