@@ -20,7 +20,8 @@ Prints, with the command line, the machine and the load average at the top:
 
     python benchmarks/bench_lock.py [--shapes 6144x4096 4096x4096 28672x4096 4096x14336]
                                     [--locks perm block:8 block:16 block:32 block:64] [--rows 1 32]
-                                    [--threads 1] [--reps 5] [--quality] [--windows 24] [--seq-len 64]
+                                    [--threads 1] [--reps 5] [--quality] [--weight-bits 8|16]
+                                    [--windows 24] [--seq-len 64]
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def bench_cost(shapes, locks, rows_list, reps: int) -> None:
                   + " | ".join(f"{v / pair_us:.1%}" for v in med) + " |")
 
 
-def bench_quality(locks, windows: int, seq_len: int, full: bool, seed: int = 11) -> None:
+def bench_quality(locks, windows: int, seq_len: int, full: bool, weight_bits: int = 8, seed: int = 11) -> None:
     import transformers as tf
 
     from secure_service.shielded_executor import ShieldedExecutor
@@ -133,13 +134,14 @@ def bench_quality(locks, windows: int, seq_len: int, full: bool, seed: int = 11)
         return agree, math.exp(nll / (windows * seq_len))
 
     _, ppl_orig = score(ref)
-    print(f"\n## 2. Quality: reference model {'FULL' if full else 'TINY'} ({model_dir.name}), rank 1/8, seed {seed}, "
+    print(f"\n## 2. Quality: reference model {'FULL' if full else 'TINY'} ({model_dir.name}), rank 1/8, seed {seed}, int{weight_bits} weights, "
           f"fixed-point executor (= what the masked protocol serves, bit for bit), {windows} windows x {seq_len} "
           f"tokens teacher-forced; original perplexity {ppl_orig:.3f}\n")
     print("| lock | argmax agreement with the original | perplexity | ratio to the original | "
           "logits bit-identical to unlocked |")
     print("|---|---|---|---|---|")
-    kw = dict(seed=seed, num_blocks=-(-seq_len // 16), block_size=16, mode="fixed_point", max_model_len=seq_len)
+    kw = dict(seed=seed, num_blocks=-(-seq_len // 16), block_size=16, mode="fixed_point", max_model_len=seq_len,
+              weight_bits=weight_bits)
     policy = RankPolicy(fraction=0.125)
     base = run(ShieldedExecutor.from_checkpoint(model_dir, policy, **kw))
     for spec in ["none"] + [s for s in locks if s != "none"]:
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quality", action="store_true", help="also run section 2 (the reference model)")
     ap.add_argument("--full", action="store_true", help="section 2 on the FULL reference model instead of TINY")
+    ap.add_argument("--weight-bits", type=int, choices=[8, 16], default=8, help="public weights of section 2")
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--skip-cost", action="store_true")
@@ -174,7 +177,7 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
         bench_cost(shapes, args.locks, sorted(args.rows), args.reps)
     if args.quality:
-        bench_quality(args.locks, args.windows, args.seq_len, args.full)
+        bench_quality(args.locks, args.windows, args.seq_len, args.full, args.weight_bits)
     print(f"\nload average at the end: {_load()}")
 
 
