@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: protect a small model, start the secure service and vLLM, answer an OpenAI request.
+# The main job: a model trained here (cached after the first run), protected with slip protect, served
+# through the secure service and vLLM, its completions printed next to stock vLLM's (slip_vllm/demo.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
