@@ -1,5 +1,5 @@
 # Two images, one per role (docker build --target ...). Not built in this repository's CI (no
-# Docker engine there): the COPY paths and pip extras are checked by tests/vendor/test_packaging.py.
+# Docker engine there): the COPY paths and pip extras are checked by tests/protect/test_packaging.py.
 #
 #   service  the TRUSTED secure service: torch (CPU) + FastAPI/uvicorn + secure_service and the
 #            vLLM-free core it imports (`pip install .[service]`). No vLLM, no plugin host code

@@ -189,7 +189,7 @@ def make_model(out_dir: Path, *, hidden: int, layers: int, heads: int, kv_heads:
     import torch
     import transformers as tf
 
-    from slip_vllm.vendor.tiny_models import make_tokenizer
+    from slip_vllm.protect.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer()
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
@@ -206,7 +206,7 @@ def make_model(out_dir: Path, *, hidden: int, layers: int, heads: int, kv_heads:
     return out_dir
 
 
-_DIGEST_MODULES = ("slip_vllm.vendor.tiny_models", "slip_vllm.vendor.protect", "slip_vllm.vendor.protect_shielded",
+_DIGEST_MODULES = ("slip_vllm.protect.tiny_models", "slip_vllm.protect.artifact", "slip_vllm.protect.shielded",
                    "secure_service.shielded_executor")
 
 
@@ -243,7 +243,7 @@ def cached_artifacts(cache_root: Path, tag: str, shape: dict, rank_fraction: flo
     Each part is written to ``<part>.tmp`` and renamed when complete; a lock file serialises
     concurrent runs with the same key.  Returns (original dir, {protocol: artifact dir}, note)."""
     from slip_vllm.core.decompose import RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.protect.artifact import ProtectConfig, protect
 
     key_data = json.dumps({"shape": shape, "rank_fraction": rank_fraction, "sources": _sources_digest()},
                           sort_keys=True)

@@ -178,7 +178,7 @@ def bench_model(args) -> None:
     from secure_service.shielded_executor import ShieldedExecutor
     from slip_vllm.core.decompose import RankPolicy
     from slip_vllm.core.field import FieldWeight, field_matmul
-    from slip_vllm.vendor.tiny_models import make_tiny_model
+    from slip_vllm.protect.tiny_models import make_tiny_model
 
     hidden, layers, heads, kv_heads = 768, 8, 12, 4
     block_size = 16

@@ -28,8 +28,8 @@ from bench_serving import vllm_bench  # noqa: E402
 
 from slip_vllm.core.decompose import RankPolicy  # noqa: E402
 from slip_vllm.launch import secure_service, vllm_server  # noqa: E402
-from slip_vllm.vendor.protect import ProtectConfig, protect  # noqa: E402
-from slip_vllm.vendor.tiny_models import make_tiny_model  # noqa: E402
+from slip_vllm.protect.artifact import ProtectConfig, protect  # noqa: E402
+from slip_vllm.protect.tiny_models import make_tiny_model  # noqa: E402
 
 
 def load() -> str:

@@ -56,8 +56,8 @@ def percentile(values, q):
 
 def make_artifact(work: Path, rank: int | None) -> Path:
     from slip_vllm.core.decompose import RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, protect
-    from slip_vllm.vendor.tiny_models import make_tiny_model
+    from slip_vllm.protect.artifact import ProtectConfig, protect
+    from slip_vllm.protect.tiny_models import make_tiny_model
 
     tag = f"rank{rank}" if rank else "rank-default"
     out = work / tag

@@ -10,7 +10,7 @@ What this module owns
 * ``load_shielded_bundle``: everything the secure service needs to rebuild the ``ShieldedExecutor``
   that ``slip protect --protocol shielded`` split, validated before a single call is answered
   (from the directory, or from the ``Bundle`` the service already loaded: read and hashed once).  The
-  bundle writer is ``slip_vllm.vendor.protect_shielded``; the file layout is defined there.  The
+  bundle writer is ``slip_vllm.protect.shielded``; the file layout is defined there.  The
   bundle stores each layer's left factor as one dense block-diagonal [m, K] matrix
   (``FusedSplit.left``); the loader cuts it into the per-part blocks
   (``LowRankFactors.block_diagonal``), the same function ``shielded_executor.fuse_splits`` uses, so

@@ -2,7 +2,7 @@
 
 Layout (the trust boundary is the package boundary):
   slip_vllm/core/     vLLM-free pure pieces shared by every side (decomposition, manifest, wire codec)
-  slip_vllm/vendor/   VENDOR, offline: ``slip protect`` reads original weights, writes both halves
+  slip_vllm/protect/  VENDOR, offline: ``slip protect`` reads original weights, writes both halves
   slip_vllm/host/     UNTRUSTED host: the vLLM plugin; only ever holds the public residual
   secure_service/     TRUSTED: the FastAPI service that holds the secret bundle
 

@@ -14,7 +14,7 @@ import sys
 
 def _protect(args: argparse.Namespace) -> int:
     from slip_vllm.core.decompose import RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, ProtectError, protect
+    from slip_vllm.protect.artifact import ProtectConfig, ProtectError, protect
 
     try:
         config = ProtectConfig.from_yaml(args.config) if args.config else ProtectConfig()

@@ -6,8 +6,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slip_vllm.vendor.protect import ProtectConfig, protect  # noqa: E402
-from slip_vllm.vendor.tiny_models import make_tiny_model  # noqa: E402
+from slip_vllm.protect.artifact import ProtectConfig, protect  # noqa: E402
+from slip_vllm.protect.tiny_models import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Owns the question "how much of the protected model can someone rebuild who holds the public half?".
 Every attack starts from what ``slip protect`` really writes: the reference model is protected with
-the project's own :func:`~slip_vllm.vendor.protect.protect` (protocol ``split``, blinding on, rank
+the project's own :func:`~slip_vllm.protect.artifact.protect` (protocol ``split``, blinding on, rank
 policy ``fraction``), and the attacker's model is read from ``OUT/public`` only (config, public
 tensors, manifest). ``OUT/secret`` is never opened here. The subspace, least-squares and mask audits
 live in the report module; this module measures *model quality* an attacker reaches.
@@ -239,7 +239,7 @@ def protect_for_attack(model_dir: Path, out_dir: Path, rank_fraction: float, see
     """
     import logging
 
-    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.protect.artifact import ProtectConfig, protect
 
     cfg = ProtectConfig(protocol="split", default_rank=RankPolicy(fraction=rank_fraction), blinding=True,
                         seed=_BLINDING_SEED_BASE + seed)

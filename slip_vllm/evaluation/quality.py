@@ -196,7 +196,7 @@ def protect_reference(ref_dir: Path, out_dir: Path, *, protocol: str, fraction: 
                       seed: int = EVAL_PROTECT_SEED, blinding: bool = True) -> Path:
     """``slip protect`` of the reference model at a rank fraction (reuses a complete earlier output)."""
     from slip_vllm.core.decompose import DEFAULT_BLINDING_SCHEME, RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.protect.artifact import ProtectConfig, protect
 
     stamp = out_dir / ".eval-stamp.json"
     ref_dir = Path(ref_dir)

@@ -443,7 +443,7 @@ def test_every_masked_gemm_shape_of_the_tests_models_is_exact(tmp_path):
 
     from slip_vllm.core.quantize import act_qmax
     from slip_vllm.evaluation.reference_model import TINY
-    from slip_vllm.vendor.tiny_models import make_tiny_model
+    from slip_vllm.protect.tiny_models import make_tiny_model
 
     configs = [AutoConfig.from_pretrained(make_tiny_model(f, tmp_path / f, hidden=128, layers=1, tie=(f == "qwen2")))
                for f in ("llama", "qwen2")]

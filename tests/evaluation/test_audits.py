@@ -18,7 +18,7 @@ import torch
 
 from slip_vllm.evaluation import audits as au
 from slip_vllm.evaluation import quality as q
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.tiny_models import make_tiny_model
 
 HIDDEN, MLP = 64, 128  # make_tiny_model: intermediate = 2 x hidden
 SEQ = 32

@@ -267,8 +267,8 @@ def _in_width(manifest, tid) -> int:
 
 @pytest.fixture(scope="module")
 def shielded_service(tmp_path_factory, log_dir):
-    from slip_vllm.vendor.protect import ProtectConfig, protect
-    from slip_vllm.vendor.tiny_models import make_tiny_model
+    from slip_vllm.protect.artifact import ProtectConfig, protect
+    from slip_vllm.protect.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("fuzz-shielded")
     before = torch.get_num_threads()

@@ -52,8 +52,8 @@ BLOCKED_RUNNER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def shielded_artifact(tmp_path_factory):
     from slip_vllm.core.decompose import RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, protect
-    from slip_vllm.vendor.tiny_models import make_tiny_model
+    from slip_vllm.protect.artifact import ProtectConfig, protect
+    from slip_vllm.protect.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("novllm-shielded")
     model = make_tiny_model("llama", root / "original", hidden=64, layers=1, heads=2, kv_heads=1)

@@ -60,8 +60,8 @@ def test_sentence_transformers_checkpoint_keeps_its_pooling(tmp_path, log_dir):
     OUT/public carries those files, so protected vLLM pools like stock vLLM (before, it fell back to
     CLS pooling without normalisation: cosine 0.52)."""
     from slip_vllm.core.decompose import RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, protect
-    from slip_vllm.vendor.tiny_models import make_tiny_model
+    from slip_vllm.protect.artifact import ProtectConfig, protect
+    from slip_vllm.protect.tiny_models import make_tiny_model
 
     original = make_tiny_model("bert", tmp_path / "st-bert", hidden=128, layers=2, heads=4, kv_heads=4, seed=3)
     _sentence_transformers_layout(original, 128)

@@ -38,7 +38,7 @@ from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core.decompose import RankPolicy
 from slip_vllm.core.field import field_matmul
 from slip_vllm.core.quantize import PublicWeight
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.tiny_models import make_tiny_model
 
 NUM_BLOCKS, BLOCK_SIZE = 16, 4
 POLICY = RankPolicy(absolute=8)

@@ -15,8 +15,8 @@ import torch
 
 from helpers import secure_service
 from slip_vllm.host.shielded_client import ShieldedHost, ShieldedServiceError
-from slip_vllm.vendor.protect import ProtectConfig, protect
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.artifact import ProtectConfig, protect
+from slip_vllm.protect.tiny_models import make_tiny_model
 
 BS, BLOCKS, LEASE_S = 16, 8, 2.0
 ENV = {"SLIP_SHIELDED_KV_BLOCKS": str(BLOCKS), "SLIP_SHIELDED_BLOCK_SIZE": str(BS), "SLIP_MASK_POOL_ROWS": "8",

@@ -31,8 +31,8 @@ from slip_vllm.core.field import field_matmul
 from slip_vllm.core.lock import make_lock, seed_lock_key
 from slip_vllm.core.manifest import sha256_file
 from slip_vllm.core.quantize import LowRankFactors, PublicWeight, quantize_weight, select_prime, shielded_linear_reference
-from slip_vllm.vendor.protect import ProtectConfig, ProtectError, protect
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.artifact import ProtectConfig, ProtectError, protect
+from slip_vllm.protect.tiny_models import make_tiny_model
 from test_executor import (ABS_TOL, AGREE_INT8, BLOCK_SIZE, NUM_BLOCKS, POLICY, REL_TOL, _build, _errors, _hf_logits,
                            _Host, _run, _scenario, models)  # noqa: F401  (models: the fixture)
 

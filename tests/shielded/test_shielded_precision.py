@@ -47,7 +47,7 @@ import torch
 
 from secure_service.shielded_executor import ShieldedExecutor
 from slip_vllm.core.decompose import RankPolicy
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.tiny_models import make_tiny_model
 
 NEW_TOKENS, PROMPTS, PROMPT_LEN = 24, 5, 8
 MIN_AGREEMENT = 0.99
@@ -163,7 +163,7 @@ def test_16_bit_artifact_end_to_end_with_a_wide_prime(tmp_path):
 
     from secure_service.integrity import IntegrityError
     from slip_vllm.host.shielded_client import load_public_weights
-    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.protect.artifact import ProtectConfig, protect
     from test_executor import _run, _scenario
 
     model_dir = make_tiny_model("qwen2", tmp_path / "qwen2", hidden=288, layers=1, seed=3)

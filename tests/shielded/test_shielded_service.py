@@ -31,8 +31,8 @@ from slip_vllm.core.field import is_prime
 from slip_vllm.core.lock import DEFAULT_LOCK, seed_lock_key
 from slip_vllm.core.manifest import read_public_manifest
 from slip_vllm.host.shielded_client import ShieldedHost, ShieldedServiceError
-from slip_vllm.vendor.protect import ProtectConfig, protect
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.artifact import ProtectConfig, protect
+from slip_vllm.protect.tiny_models import make_tiny_model
 from test_executor import (ABS_TOL, AGREE_INT8, BLOCK_SIZE, NUM_BLOCKS, POLICY, REL_TOL, _errors, _hf_logits,
                            _Host, _run, _scenario)
 

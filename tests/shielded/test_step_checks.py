@@ -22,8 +22,8 @@ from secure_service.shielded_api import ShieldedService
 from secure_service.shielded_executor import ShieldedExecutor
 from secure_service.step_checks import StepRejected
 from slip_vllm.core import wire
-from slip_vllm.vendor.protect import ProtectConfig, protect
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.artifact import ProtectConfig, protect
+from slip_vllm.protect.tiny_models import make_tiny_model
 from test_executor import BLOCK_SIZE, NUM_BLOCKS, POLICY, _Host, _run, _scenario
 
 MAX_STEP_TOKENS = 32

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from slip_vllm.core.manifest import read_public_manifest
-from slip_vllm.vendor.tiny_models import make_tiny_model
+from slip_vllm.protect.tiny_models import make_tiny_model
 
 
 def run_slip(*args):
@@ -61,7 +61,7 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 def test_yaml_config_ranks_and_overrides(tmp_path):
-    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.protect.artifact import ProtectConfig, protect
 
     model = make_tiny_model("qwen2", tmp_path / "q")
     cfg_file = tmp_path / "p.yaml"
@@ -143,7 +143,7 @@ def _add_extra_files(model_dir):
 @pytest.mark.parametrize("protocol", ["split", "shielded"])
 def test_the_public_artifact_carries_every_non_weight_file_and_no_weights(tmp_path, protocol):
     from slip_vllm.core.decompose import RankPolicy
-    from slip_vllm.vendor.protect import ProtectConfig, protect
+    from slip_vllm.protect.artifact import ProtectConfig, protect
 
     model = make_tiny_model("llama", tmp_path / "model", hidden=64, layers=1, heads=2, kv_heads=1)
     extra = _add_extra_files(model)
@@ -162,7 +162,7 @@ def test_the_public_artifact_carries_every_non_weight_file_and_no_weights(tmp_pa
 
 
 def test_weights_of_a_sentence_transformers_module_are_refused(tmp_path):
-    from slip_vllm.vendor.protect import ProtectConfig, ProtectError, protect
+    from slip_vllm.protect.artifact import ProtectConfig, ProtectError, protect
 
     model = make_tiny_model("bert", tmp_path / "model", hidden=64, layers=1, heads=2, kv_heads=2)
     (model / "modules.json").write_text(json.dumps([

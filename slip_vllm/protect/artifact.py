@@ -6,7 +6,7 @@ Steps (gpt-fast style offline transform; the runtime swap happens in the vLLM pl
      (nn.Linear, GPT-2's Conv1D) and which are the token embedding / LM head (tied or not);
   3. split each of them with ``core.decompose.split_matrix`` (SVD + blinding), chunk by chunk with a
      progress bar, checking exactness of every matrix;
-  (protocol ``shielded``, Llama family only: steps 2-4 are ``protect_shielded.write_shielded``)
+  (protocol ``shielded``, Llama family only: steps 2-4 are ``shielded.write_shielded``)
   4. write OUT/public (normal HF directory: config with a ``slip`` quantization_config, tokenizer,
      public tensors, manifest) and OUT/secret (factors + bundle.json naming the manifest hash),
      into a staging directory first so an interrupted run leaves nothing half-written.
@@ -33,7 +33,7 @@ from slip_vllm.core.manifest import (
     Manifest, TensorEntry, sha256_bytes,
 )
 
-from slip_vllm.vendor.protect_shielded import SHIELDED_MODEL_TYPES, write_shielded
+from slip_vllm.protect.shielded import SHIELDED_MODEL_TYPES, write_shielded
 
 log = logging.getLogger("slip.protect")
 
