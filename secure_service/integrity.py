@@ -54,7 +54,7 @@ from typing import Dict, Hashable, List, Optional, Union
 
 import torch
 
-from secure_service.masks import csprng_field_elements
+from slip_vllm.core.csprng import csprng_field_elements, freivalds_vector_count
 from slip_vllm.core.field import MAX_N
 from slip_vllm.core.quantize import PublicWeight
 
@@ -216,9 +216,7 @@ def key_images(weight: PublicWeight, u: torch.Tensor, chunk: int = MAX_N) -> tor
     return acc
 
 
-def default_vectors(p: int, security_bits: int = 64) -> int:
-    """The smallest t with p^-t <= 2^-security_bits."""
-    return max(1, math.ceil(security_bits / math.log2(p)))
+default_vectors = freivalds_vector_count  # the smallest t with p^-t <= 2^-security_bits
 
 
 class FreivaldsKey:

@@ -2,7 +2,8 @@
 
 What this module owns
 ---------------------
-* ``csprng_field_elements``: exactly uniform elements of Z_p from the operating system's CSPRNG;
+* re-exports ``csprng_field_elements`` (``slip_vllm.core.csprng``): exactly uniform elements of Z_p
+  from the operating system's CSPRNG;
 * ``MaskBatch``: the masks r [rows, n] of one step of one layer with their images
   W_q r mod p [rows, m], used once and then overwritten;
 * ``MaskProvider``: the one replaceable object that says where masks come from (like CrypTen's
@@ -99,6 +100,7 @@ from typing import Dict, Hashable, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from slip_vllm.core.csprng import csprng_field_elements
 from slip_vllm.core.field import limb_count, select_cpu_backend
 from slip_vllm.core.quantize import PublicWeight
 from slip_vllm.settings import settings
@@ -115,52 +117,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("slip.service")
-
-# ---------------------------------------------------------------------------------------------
-# uniform field elements from the CSPRNG
-# ---------------------------------------------------------------------------------------------
-
-
-def _random_candidates(count: int, bits: int) -> np.ndarray:
-    """uint64 [count]: each ``bits`` uniform random bits (1 <= bits <= 62) from ``os.urandom``.
-
-    Candidate i is made of its own nb = ceil(bits/8) bytes, raw[i*nb : (i+1)*nb]: the 8 bytes from
-    i*nb are read as one little-endian word (a strided view, no copy; 8 - nb padding bytes at the
-    end keep the last read in bounds) and masked to its low ``bits`` bits, which lie inside its own
-    nb bytes, so bytes of the next candidate never enter.  Every kept bit is one random bit: each
-    candidate is uniform on [0, 2^bits) and the candidates are independent.
-    """
-    nbytes = (bits + 7) // 8
-    raw = os.urandom(count * nbytes + (8 - nbytes))
-    words = np.ndarray((count,), dtype="<u8", buffer=raw, offset=0, strides=(nbytes,))
-    return np.bitwise_and(words, np.uint64((1 << bits) - 1)).astype(np.uint64, copy=False)
-
-
-def csprng_field_elements(shape: Union[int, Tuple[int, ...]], p: int) -> torch.Tensor:
-    """int64 tensor of the given shape, i.i.d. exactly uniform on [0, p), from ``os.urandom``.
-
-    Rejection sampling per element: every element gets a candidate of b = bits(p-1) random bits
-    (uniform on [0, 2^b), made from ceil(b/8) bytes); the elements whose candidate is >= p get a
-    fresh candidate, again and again until each has one below p.  So each element is the first
-    accepted draw of its own i.i.d. sequence, which is uniform on [0, p), and the elements are
-    independent (which positions are redrawn tells nothing about the accepted values, and redraws
-    use fresh bytes).  A candidate is accepted with probability p / 2^b > 1/2, so the expected
-    number of redraw rounds is O(log(elements)) and the expected extra bytes are below 100 %.
-    """
-    if isinstance(p, bool) or not isinstance(p, int) or not 2 <= p < (1 << 62):
-        raise ValueError(f"p must be an int in [2, 2^62), got {p!r}")
-    shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    need = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    bits = (p - 1).bit_length()
-    pp = np.uint64(p)
-    out = _random_candidates(need, bits)
-    bad = np.flatnonzero(out >= pp)
-    while bad.size:
-        redo = _random_candidates(int(bad.size), bits)
-        out[bad] = redo
-        bad = bad[redo >= pp]
-        redo.fill(0)
-    return torch.from_numpy(out.view(np.int64)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------

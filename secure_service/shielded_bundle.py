@@ -2,18 +2,16 @@
 
 What this module owns
 ---------------------
-* ``FusedSplit``: the data of one fused public GEMM after the split (W_C as ``LowRankFactors`` with
-  one left block per fused part, the unquantized W_D when known, the bias, the parts' output
-  sizes).  It lives here, not in the executor, so that the dependency goes one way:
-  ``shielded_executor`` imports this module (to build from a bundle and to make splits), this
-  module never imports the executor;
+* (``FusedSplit``, the data of one fused public GEMM after the split, is defined in the core,
+  ``slip_vllm.core.shielded_split``, and re-exported here.)  ``shielded_executor`` imports this
+  module to build from a bundle; this module never imports the executor;
 * ``load_shielded_bundle``: everything the secure service needs to rebuild the ``ShieldedExecutor``
   that ``slip protect --protocol shielded`` split, validated before a single call is answered
   (from the directory, or from the ``Bundle`` the service already loaded: read and hashed once).  The
   bundle writer is ``slip_vllm.protect.shielded``; the file layout is defined there.  The
   bundle stores each layer's left factor as one dense block-diagonal [m, K] matrix
   (``FusedSplit.left``); the loader cuts it into the per-part blocks
-  (``LowRankFactors.block_diagonal``), the same function ``shielded_executor.fuse_splits`` uses, so
+  (``LowRankFactors.block_diagonal``), the same function ``shielded_split.fuse_splits`` uses, so
   a bundle rebuilds bit-identical factors.
 
 Where it runs and what it holds
@@ -51,37 +49,11 @@ from secure_service.bundle import Bundle, BundleError, load_bundle
 from slip_vllm.core.lock import GemmLock, parse_lock
 from slip_vllm.core.manifest import sha256_bytes, sha256_file
 from slip_vllm.core.quantize import LowRankFactors, QuantizedWeight
+from slip_vllm.core.shielded_split import FusedSplit
 
 __all__ = ["SHIELDED_FILE", "FusedSplit", "ShieldedBundle", "load_shielded_bundle"]
 
 SHIELDED_FILE = "shielded.safetensors"
-
-
-@dataclass
-class FusedSplit:
-    """W = W_C + public (+ bias) for one fused public GEMM, in [out, in] orientation.
-
-    low_rank: W_C as ``LowRankFactors`` (float32; one left block [m_i, k_i] per fused part and the
-    stacked right factors [K, n]); public: float32 [m, n] (W_D before quantization; None when built
-    from a secret bundle, which holds only the quantized W_D); bias: float32 [m] or None; parts:
-    the output sizes of the fused parts (q, k, v or gate, up; one entry for an unfused layer).
-    """
-
-    low_rank: LowRankFactors
-    public: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    parts: Tuple[int, ...]
-
-    @property
-    def right(self) -> torch.Tensor:
-        """The stacked right factors [K, n]."""
-        return self.low_rank.right
-
-    @property
-    def left(self) -> torch.Tensor:
-        """The dense block-diagonal left factor [m, K], built on demand (the bundle's on-disk form;
-        the executor computes with the blocks)."""
-        return self.low_rank.dense_left()
 
 
 @dataclass

@@ -45,16 +45,17 @@ Build (``from_checkpoint``)
 From an original Hugging Face checkpoint directory: the config through ``AutoConfig``; every
 projection W (q, k, v, o, gate, up, down, LM head; the LM head is the embedding when tied) is split
 by ``decompose.split_matrix`` (with blinding and a ``RankPolicy``) into W_C (factors) + W_D; W_D is
-quantized per output channel to int8.  Fused layers concatenate the public rows ([W_q; W_k; W_v],
-[W_gate; W_up]) and their biases, stack their right factors and keep one left factor per part
-(``fuse_splits``, ``quantize.LowRankFactors``).  One prime p for the whole model from
-``quantize.select_prime``.  The split itself is ``split_checkpoint`` (also used by ``slip protect
---protocol shielded``).
+locked (``core.lock``) and quantized per output channel to 8 or 16 bits.  Fused layers concatenate the
+public rows ([W_q; W_k; W_v], [W_gate; W_up]) and their biases, stack their right factors and keep
+one left factor per part (``quantize.LowRankFactors``).  One prime p for the whole model from
+``quantize.select_prime``.  The split, the locks and the quantization are the core functions of
+``slip_vllm.core.shielded_split`` (``split_checkpoint``, ``draw_locks``, ``quantize_splits``), the
+same ones ``slip protect --protocol shielded`` writes the artifact with.
 
 Build (``from_bundle``)
 -----------------------
-From the secret bundle written by ``slip protect --protocol shielded`` (``shielded_bundle``, which
-also defines ``FusedSplit``; this module imports it, never the reverse): the stored factors, W_q
+From the secret bundle written by ``slip protect --protocol shielded`` (read by ``shielded_bundle``;
+this module imports it, never the reverse): the stored factors, W_q
 and scales, biases, norms, embedding, p and Freivalds vectors; bit-identical to ``from_checkpoint``
 with the same rank policy and seed (and the same torch thread count, which can change LAPACK's
 choice among equally exact singular bases).  Fused layers hold W_C as ``LowRankFactors``: the
@@ -120,11 +121,20 @@ import torch
 
 from secure_service.integrity import AlarmCounter, FreivaldsKey
 from secure_service.masks import MaskAuditRecorder, MaskProvider, PooledMaskProvider
-from secure_service.shielded_bundle import FusedSplit, ShieldedBundle, load_shielded_bundle
+from secure_service.shielded_bundle import ShieldedBundle, load_shielded_bundle
 from secure_service.shielded_linear import ShieldedLinear
 from secure_service.step_checks import PrefixTags, check_kv_reads, model_max_len
-from slip_vllm.core.decompose import RankPolicy, split_matrix
-from slip_vllm.core.lock import GemmLock, LockSpec, make_locks, parse_lock
+from slip_vllm.core.decompose import RankPolicy
+from slip_vllm.core.lock import GemmLock, LockSpec
+from slip_vllm.core.shielded_split import (
+    SHIELDED_MODEL_TYPES,
+    FusedSplit,
+    draw_locks,
+    fuse_splits,
+    layer_keys,
+    quantize_splits,
+    split_checkpoint,
+)
 from slip_vllm.core.quantize import (
     DEFAULT_ACT_BITS,
     LowRankFactors,
@@ -132,7 +142,6 @@ from slip_vllm.core.quantize import (
     QuantizedWeight,
     check_prime,
     low_rank_term,
-    quantize_weight,
     select_prime,
     shielded_linear_reference,
 )
@@ -140,7 +149,7 @@ from slip_vllm.core.quantize import (
 __all__ = ["SUPPORTED_MODEL_TYPES", "MODES", "HostGemm", "HostAsk", "StepGen", "drive", "FusedSplit",
            "PagedKVCache", "ShieldedExecutor"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = SHIELDED_MODEL_TYPES
 MODES = ("shielded", "fixed_point", "float")
 
 HostGemm = Callable[[str, torch.Tensor], torch.Tensor]  # (layer key, x~ int64 [T, n]) -> y~ int64 [T, m]
@@ -166,41 +175,6 @@ def drive(gen: StepGen, host_gemm: HostGemm):
                 ask = gen.send(y)
     except StopIteration as stop:
         return stop.value
-
-
-# ---------------------------------------------------------------------------------------------
-# split parameters of one (fused) public GEMM (``FusedSplit`` is defined in ``shielded_bundle``)
-# ---------------------------------------------------------------------------------------------
-
-
-def fuse_splits(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                policy: Union[RankPolicy, Sequence[RankPolicy]], generator: "BlindingRng",
-                blind: bool = True) -> FusedSplit:
-    """Split each part with ``split_matrix`` and fuse: public rows stacked, right factors stacked,
-    left factors one block per part.
-
-    The blocks are cut from the dense block-diagonal left factor by
-    ``LowRankFactors.block_diagonal``, the function the bundle loader applies to the same dense
-    matrix on disk, so ``from_checkpoint`` and ``from_bundle`` hold bit-identical blocks.
-    policy: one ``RankPolicy`` for every part, or one per part."""
-    policies = [policy] * len(weights) if isinstance(policy, RankPolicy) else list(policy)
-    splits = [split_matrix(w, pol, generator, blind=blind) for w, pol in zip(weights, policies)]
-    m = sum(int(s.public.shape[0]) for s in splits)
-    k = sum(s.rank for s in splits)
-    left = torch.zeros(m, k, dtype=torch.float32)
-    row = col = 0
-    for s in splits:
-        left[row:row + s.left.shape[0], col:col + s.rank] = s.left
-        row += int(s.left.shape[0])
-        col += s.rank
-    right = torch.cat([s.right for s in splits], dim=0).contiguous()
-    public = torch.cat([s.public for s in splits], dim=0).contiguous()
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([b.float() if b is not None else torch.zeros(w.shape[0]) for w, b in zip(weights, biases)])
-    parts = tuple(int(w.shape[0]) for w in weights)
-    return FusedSplit(low_rank=LowRankFactors.block_diagonal(left, right, parts), public=public, bias=bias,
-                      parts=parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,18 +254,6 @@ class PagedKVCache:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_state(model_dir: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights")
-    state: Dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def _family_module(config):
     """The model library's modeling module and class-name prefix for this config."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -321,77 +283,6 @@ def _norm(cls, weight: torch.Tensor, eps: float) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 # the executor
 # ---------------------------------------------------------------------------------------------
-
-
-def split_checkpoint(model_dir: Union[str, Path], policy, *, seed: int = 0, blind: bool = True):
-    """Split an original HF checkpoint of the Llama family into the executor's parts.
-
-    Returns (config, splits, embed, norms).  policy: a ``RankPolicy`` for every projection, or a
-    callable (checkpoint weight name -> ``RankPolicy``).  The matrices are split in a fixed order
-    (per layer: q, k, v, o, gate, up, down; then the LM head) from one blinding stream
-    (``BlindingRng.from_seed(seed)``), so the same seed gives the same split.
-    """
-    from transformers import AutoConfig
-
-    model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    _family_module(config)  # refuse unsupported families before any work
-    state = _load_state(model_dir)
-    from slip_vllm.core.decompose import BlindingRng
-
-    gen = BlindingRng.from_seed(seed)  # SHAKE-256 stream; ``slip protect`` passes a 256-bit seed from the OS CSPRNG
-    policy_of = (lambda name: policy) if isinstance(policy, RankPolicy) else policy
-
-    def get(name: str) -> Optional[torch.Tensor]:
-        t = state.get(name)
-        return None if t is None else t.detach().float()
-
-    def need(name: str) -> torch.Tensor:
-        t = get(name)
-        if t is None:
-            raise KeyError(f"checkpoint {model_dir} lacks {name}")
-        return t
-
-    splits: Dict[str, FusedSplit] = {}
-    norms: Dict[str, torch.Tensor] = {}
-    for i in range(int(config.num_hidden_layers)):
-        pre = f"model.layers.{i}."
-        att, mlp = pre + "self_attn.", pre + "mlp."
-        qkv = [att + f"{x}_proj" for x in "qkv"]
-        splits[f"layers.{i}.qkv"] = fuse_splits([need(n + ".weight") for n in qkv],
-                                                [get(n + ".bias") for n in qkv],
-                                                [policy_of(n + ".weight") for n in qkv], gen, blind)
-        splits[f"layers.{i}.o"] = fuse_splits([need(att + "o_proj.weight")], [get(att + "o_proj.bias")],
-                                              [policy_of(att + "o_proj.weight")], gen, blind)
-        gu = [mlp + "gate_proj", mlp + "up_proj"]
-        splits[f"layers.{i}.gate_up"] = fuse_splits([need(n + ".weight") for n in gu],
-                                                    [get(n + ".bias") for n in gu],
-                                                    [policy_of(n + ".weight") for n in gu], gen, blind)
-        splits[f"layers.{i}.down"] = fuse_splits([need(mlp + "down_proj.weight")], [get(mlp + "down_proj.bias")],
-                                                 [policy_of(mlp + "down_proj.weight")], gen, blind)
-        norms[f"layers.{i}.input_norm"] = need(pre + "input_layernorm.weight")
-        norms[f"layers.{i}.post_norm"] = need(pre + "post_attention_layernorm.weight")
-        for which in ("q_norm", "k_norm"):
-            t = get(att + which + ".weight")
-            if t is not None:
-                norms[f"layers.{i}.{which}"] = t
-    norms["norm"] = need("model.norm.weight")
-    embed = need("model.embed_tokens.weight")
-    head = get("lm_head.weight")
-    if bool(getattr(config, "tie_word_embeddings", False)) or head is None:
-        head = embed
-    head_name = "model.embed_tokens.weight" if head is embed else "lm_head.weight"
-    splits["lm_head"] = fuse_splits([head], [get("lm_head.bias")], [policy_of(head_name)], gen, blind)
-    return config, splits, embed, norms
-
-
-@dataclass
-class _Layer:
-    input_norm: torch.nn.Module
-    post_norm: torch.nn.Module
-    q_norm: Optional[torch.nn.Module]
-    k_norm: Optional[torch.nn.Module]
-    sliding_window: Optional[int]
 
 
 class ShieldedExecutor:
@@ -488,9 +379,7 @@ class ShieldedExecutor:
                 raise ValueError("quantized weights and splits name different layers")
             self._quantized = dict(quantized)
         else:
-            self._quantized = {key: quantize_weight(s.public if self.locks is None else
-                                                    self.locks[key].lock_weight(s.public.to(torch.float64)),
-                                                    weight_bits) for key, s in splits.items()}
+            self._quantized = quantize_splits(splits, weight_bits, self.locks)
         if p is None:
             self.p = select_prime({key: q.w_q for key, q in self._quantized.items()}, act_bits=act_bits)
         else:
@@ -520,8 +409,7 @@ class ShieldedExecutor:
     def draw_locks(splits: Dict[str, FusedSplit], lock: Union[str, LockSpec], key: bytes) -> Dict[str, GemmLock]:
         """One lock per fused GEMM of ``splits`` (``core.lock.make_locks``, per-GEMM keys derived
         from ``key``, e.g. 32 bytes of ``os.urandom``); lock: ``none`` | ``perm`` | ``block[:b]``."""
-        spec = parse_lock(lock) if isinstance(lock, str) else lock
-        return make_locks({k: (int(sum(s.parts)), int(s.low_rank.n)) for k, s in splits.items()}, spec, key)
+        return draw_locks(splits, lock, key)
 
     @classmethod
     def from_checkpoint(cls, model_dir: Union[str, Path], policy: RankPolicy, *, seed: int = 0, blind: bool = True,
@@ -569,10 +457,8 @@ class ShieldedExecutor:
         return {key: pw.w_q for key, pw in self._public.items()}
 
     def layer_keys(self) -> List[str]:
-        keys = []
-        for i in range(self.num_layers):
-            keys += [f"layers.{i}.qkv", f"layers.{i}.o", f"layers.{i}.gate_up", f"layers.{i}.down"]
-        return keys + ["lm_head"]
+        """The public GEMMs in step order (``shielded_split.layer_keys``)."""
+        return layer_keys(self.num_layers)
 
     # -- one projection -----------------------------------------------------------------------
 

@@ -621,7 +621,8 @@ def record_shielded_run(ref_dir: Path, windows: Sequence[torch.Tensor], *, fract
          for scoring only.
     """
     from secure_service.masks import MaskAuditRecorder, PooledMaskProvider
-    from secure_service.shielded_executor import ShieldedExecutor, split_checkpoint
+    from secure_service.shielded_executor import ShieldedExecutor
+    from slip_vllm.core.shielded_split import split_checkpoint
     from slip_vllm.core.decompose import RankPolicy
     from slip_vllm.core.quantize import DEFAULT_ACT_BITS, PublicWeight, centered_lift, quantize_weight, select_prime
 

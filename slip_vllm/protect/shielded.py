@@ -29,18 +29,21 @@ OUT/secret (mode 0700, the secure service's bundle):
 
 Steps
 -----
-1. split every projection with ``shielded_executor.split_checkpoint`` (SVD + blinding, exactness
+1. split every projection with ``core.shielded_split.split_checkpoint`` (SVD + blinding, exactness
    <= 1e-6 checked per matrix by ``decompose.split_matrix`` before any quantization), fused per
    masked GEMM, rank from the protect config (per checkpoint name);
-2. draw one lock per masked GEMM (``--lock``, default ``core.lock.DEFAULT_LOCK``;
-   ``core.lock.make_locks`` from a 32-byte artifact key: ``os.urandom``, or derived from
-   ``--seed`` when a fixed seed is given for tests) and build the ``ShieldedExecutor`` from the
-   split and the locks: it quantizes the locked W_D' = M_out W_D M_in (float64, before any
-   quantization) per output channel to int8 or int16 (``--weight-bits``), chooses p above the
-   exactness bound of every layer, and draws the Freivalds vectors (of the locked W_q) from the OS CSPRNG.  Fused GEMMs (qkv,
-   gate_up) get one lock over their whole output: the output side mixes the rows of all parts
-   (the host cannot tell q from k or v, gate from up), and the service unlocks the whole output
-   before cutting it into parts; bias and W_C x are added after the unlock, in plain coordinates;
+2. draw one lock per masked GEMM (``shielded_split.draw_locks``: ``--lock``, default
+   ``core.lock.DEFAULT_LOCK``; ``core.lock.make_locks`` from a 32-byte artifact key: ``os.urandom``,
+   or derived from ``--seed`` when a fixed seed is given for tests); quantize the locked
+   W_D' = M_out W_D M_in (float64, before any quantization) per output channel to int8 or int16
+   (``--weight-bits``; ``shielded_split.quantize_splits``); choose p above the exactness bound of
+   every layer (``quantize.select_prime``); draw the Freivalds vectors (of the locked W_q) from the
+   OS CSPRNG (``shielded_split.draw_freivalds_vectors``).  These are core functions: the tool never
+   builds the secure service's executor, and the executor builds from the same functions.  Fused
+   GEMMs (qkv, gate_up) get one lock over their whole output: the output side mixes the rows of
+   all parts (the host cannot tell q from k or v, gate from up), and the service unlocks the whole
+   output before cutting it into parts; bias and W_C x are added after the unlock, in plain
+   coordinates;
 3. write both halves into a staging directory, then move them into place.
 ``ShieldedExecutor.from_bundle(OUT/secret)`` rebuilds the same executor: its results are
 bit-identical to ``ShieldedExecutor.from_checkpoint`` with the same rank policy and seed.
@@ -61,6 +64,10 @@ import torch
 from safetensors.torch import save_file
 
 from slip_vllm.core.lock import DEFAULT_LOCK, parse_lock, seed_lock_key
+from slip_vllm.core.quantize import DEFAULT_ACT_BITS, select_prime
+from slip_vllm.core.shielded_split import (
+    draw_freivalds_vectors, draw_locks, layer_keys, quantize_splits, split_checkpoint,
+)
 from slip_vllm.core.manifest import (
     KIND_LINEAR, KIND_LM_HEAD, MANIFEST_FILE, ORIENT_OUT_IN, QUANT_METHOD, SHIELDED_ARCHITECTURE, Manifest,
     TensorEntry, sha256_bytes,
@@ -78,8 +85,6 @@ FACTORS_FILE = "factors.safetensors"
 def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int, copy_files) -> Manifest:
     """copy_files(model_dir, public_dir): carries the checkpoint's non-weight files into OUT/public."""
     """Steps 1-3 of the module docstring; ``config`` is the ``ProtectConfig``."""
-    from secure_service.shielded_executor import ShieldedExecutor, split_checkpoint
-
     model_cfg, splits, embed, norms = split_checkpoint(model_dir, config.policy_for, seed=seed,
                                                        blind=config.blinding)
     lock_spec = parse_lock(getattr(config, "lock", None) or DEFAULT_LOCK)
@@ -87,17 +92,13 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
         lock_key = os.urandom(32)
     else:  # a fixed seed (tests only, warned about by ``protect``) fixes the lock too
         lock_key = seed_lock_key(int(seed))
-    locks = ShieldedExecutor.draw_locks(splits, lock_spec, lock_key)
+    locks = draw_locks(splits, lock_spec, lock_key)
     weight_bits = int(getattr(config, "weight_bits", 8))  # 8 | 16: width of the public W_q
-    ex = ShieldedExecutor(model_cfg, splits, embed, norms, num_blocks=1, block_size=1, weight_bits=weight_bits,
-                          mode="shielded",
-                          pool_rows=0, locks=locks)
-    try:
-        quantized, p, vectors = ex.quantized_weights(), int(ex.p), ex.freivalds_vectors()
-        keys = ex.layer_keys()
-        act_bits = ex.act_bits
-    finally:
-        ex.close()
+    act_bits = DEFAULT_ACT_BITS
+    quantized = quantize_splits(splits, weight_bits, locks)
+    p = select_prime({key: q.w_q for key, q in quantized.items()}, act_bits=act_bits)
+    vectors = draw_freivalds_vectors(quantized, p)
+    keys = layer_keys(int(model_cfg.num_hidden_layers))
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     entries, public, factors, secret = [], {}, {}, {}
     for i, key in enumerate(keys):
