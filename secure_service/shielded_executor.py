@@ -280,6 +280,15 @@ def _norm(cls, weight: torch.Tensor, eps: float) -> torch.nn.Module:
     return mod.float().eval()
 
 
+@dataclass
+class _Layer:
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    q_norm: Optional[torch.nn.Module]
+    k_norm: Optional[torch.nn.Module]
+    sliding_window: Optional[int]
+
+
 # ---------------------------------------------------------------------------------------------
 # the executor
 # ---------------------------------------------------------------------------------------------
