@@ -2,7 +2,8 @@
 
 One tiny suite run is shared by most tests; thresholds are set from measurement with margin
 (tiny preset, rank fraction 0.125, seed 0: original ~81, residual ~476, full fine-tuning at 10 % ~121,
-public-prior-lowrank ~67 against a fine-tuned original of ~63 and a base of ~80).
+public-prior ~68 against a fine-tuned original of ~63 and a base of ~80; public-prior-lowrank ~67 under the
+earlier block blinding, ~414 under the shipped mixed one).
 """
 
 from __future__ import annotations
@@ -212,10 +213,15 @@ def test_public_prior_rebuilds_the_finetuned_model(prior):
                          "public-prior-smallest"}
     assert prior.base_ppl == rows["base-only"].val_ppl
     assert rows["residual-only"].val_ppl > 3 * prior.original_ppl
-    # with the base as prior, the secret part is largely redundant: both estimates beat the prior alone
+    # with the base as prior, the secret part is largely redundant: the generic estimate (W_D plus the
+    # best rank-k part of W_base - W_D) beats the prior alone whatever the blinding (measured 68.0 vs
+    # 80.1, 69 % of the base -> fine-tuned gain: a limit of SLIP for fine-tunes of public bases)
     assert rows["public-prior"].val_ppl < rows["base-only"].val_ppl
-    assert rows["public-prior-lowrank"].val_ppl < rows["base-only"].val_ppl
-    assert rows["public-prior-lowrank"].agreement > rows["base-only"].agreement + 0.1
+    assert rows["public-prior"].agreement > rows["base-only"].agreement + 0.1
+    # the estimate that picks W_D's singular pairs aligned with the base used the block structure of
+    # the earlier blinding (~67 there); the shipped mixed blinding has none: worse than the base alone
+    # (measured 414)
+    assert rows["public-prior-lowrank"].val_ppl > 2 * rows["base-only"].val_ppl
     # the null-space guess is defeated by blinding: no better than the residual alone
     assert rows["public-prior-smallest"].val_ppl > 0.8 * rows["residual-only"].val_ppl
 
