@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from slip_vllm.core.manifest import (
 )
 
 from slip_vllm.protect.shielded import SHIELDED_MODEL_TYPES, write_shielded
+from slip_vllm.protect.staging import move_into_place
 
 log = logging.getLogger("slip.protect")
 
@@ -342,14 +342,7 @@ def protect(model_dir: str | Path, out_dir: str | Path, config: ProtectConfig | 
         (secret_dir / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1) + "\n")
         (secret_dir / MANIFEST_FILE).write_text(manifest_text)
         (secret_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
-        for f in secret_dir.iterdir():
-            os.chmod(f, 0o600)
-        if out_dir.exists():
-            for sub in ("public", "secret"):
-                shutil.rmtree(out_dir / sub, ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        public_dir.rename(out_dir / "public")
-        secret_dir.rename(out_dir / "secret")
+        move_into_place(public_dir, secret_dir, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("protected %d matrices of %s into %s", len(entries), arch, out_dir)

@@ -64,6 +64,7 @@ import torch
 from safetensors.torch import save_file
 
 from slip_vllm.core.lock import DEFAULT_LOCK, parse_lock, seed_lock_key
+from slip_vllm.protect.staging import move_into_place
 from slip_vllm.core.quantize import DEFAULT_ACT_BITS, select_prime
 from slip_vllm.core.shielded_split import (
     draw_freivalds_vectors, draw_locks, layer_keys, quantize_splits, split_checkpoint,
@@ -160,14 +161,7 @@ def write_shielded(model_dir: Path, out_dir: Path, config, hf_config, seed: int,
         (secret_dir / "bundle.json").write_text(json.dumps(bundle, indent=1) + "\n")
         (secret_dir / MANIFEST_FILE).write_text(manifest_text)
         (secret_dir / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
-        for f in secret_dir.iterdir():
-            os.chmod(f, 0o600)
-        if out_dir.exists():
-            for sub in ("public", "secret"):
-                shutil.rmtree(out_dir / sub, ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        public_dir.rename(out_dir / "public")
-        secret_dir.rename(out_dir / "secret")
+        move_into_place(public_dir, secret_dir, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("protected %d masked GEMMs of %s (protocol shielded, p=%d, lock %s) into %s", len(entries), arch, p,
