@@ -1,8 +1,11 @@
-"""The second scale of the evaluation: a 39 M-parameter byte-level Llama on a 72 MB code corpus, attacked on a GPU.
+"""The attack grid at two scales: every published artifact against the artifact-free floors (SLIP-SEC's safety).
 
 Issue 11 asks whether the published artifacts are worth more to an attacker than black-box access
-(SLIP-SEC's safety), at two scales. The CPU report (:mod:`~slip_vllm.evaluation.report`) has the
-5 M-parameter BPE model of the 2-core box; this module is the second scale. It is device-agnostic
+(SLIP-SEC's safety), at two scales. This module runs one grid at any scale: preset ``cpu`` (0.9 M
+parameters, 1.5 M training bytes: the whole grid in under an hour on the 2-core development machine)
+and preset ``mid`` (39 M parameters, 30 M training bytes, on one H200). The CPU report
+(:mod:`~slip_vllm.evaluation.report`) keeps its 5 M-parameter BPE model for quality and the traffic
+audits; its section 5 is this grid, spliced in from the results files. It is device-agnostic
 (bf16 autocast on CUDA, float32 on the CPU) and self-contained: a pure-torch Llama (RMSNorm, RoPE,
 SwiGLU, fused qkv and gate_up exactly like the five public GEMMs of ``shielded``), so it needs torch
 and numpy only, not transformers or vLLM. The artifacts are built from the core functions the vendor
@@ -23,7 +26,8 @@ What the host receives, per artifact (built from the reference at rank fraction 
 
 * ``split``: the public residual W_D of every matrix (q, k, v, o, gate, up, down, embedding, LM head)
   and the norm gains (public in ``split``);
-* ``shielded``: the int8 ``W_q`` of the five GEMMs per layer class (qkv, o, gate_up, down, LM head),
+* ``shielded``: the ``W_q`` (``weight_bits`` of the preset: 16, the shipped default, for ``cpu``; 8 in
+  the committed ``mid`` runs) of the five GEMMs per layer class (qkv, o, gate_up, down, LM head),
   no per-row scales, no norms, no embedding (untied model);
 * ``shielded+perm`` / ``shielded+block:32``: the same with the secret per-GEMM lock applied before
   quantization (``W' = M_out W_D M_in``, ``core.lock``).
@@ -43,14 +47,21 @@ Attacks (each is trained with a small learning-rate sweep; the best is reported)
   initialisation's RMS), a learnable per-output-row scale (the secret scales are unknown), random
   embedding, unit norms; all parameters trained with full-logit distillation;
 * ``<lock>-ft``: as ``shielded-ft`` on the locked weights;
+* ``shielded-ft-top20`` / ``<lock>-ft-top20`` (the artifacts in ``topk_artifacts``): as ``-ft`` but the
+  distillation reads only the top-20 logits, which is all the host receives under the shipped top-K
+  logits policy; judged in the ``top-20`` scenario against the floors that need no more (``scratch``,
+  ``distill-top20``);
 * ``<lock>-relink``: as ``<lock>-ft`` plus learnable relinking matrices on both sides of every GEMM
   (effective weight A W B, A and B initialised to the identity, trained with everything else): the
   attacker's way to learn the secret transforms back;
-* public prior (attacker holds ``base``): ``shielded-prior`` (the unlocked ``W_q`` with the base's
-  embedding and norms and the base's row scales as the guess of the secret ones) and ``<lock>-align``
-  (each locked GEMM first aligned to the base's GEMM: output and input permutations found by
-  Hungarian matching of per-row / per-column signatures, scipy's ``linear_sum_assignment``; then as
-  ``shielded-prior``). Both are compared with the public-prior floor too.
+* public prior (attacker holds ``base``): the attacker first splits the base itself with the public
+  algorithm and its own randomness (``base_residuals``); ``shielded-prior`` (the unlocked ``W_q`` with
+  the base's embedding and norms and the row scales of the base's residual as the guess of the secret
+  ones) and ``<lock>-align`` (each locked GEMM first aligned to the base's residual GEMM: output and
+  input permutations found by Hungarian matching of per-row / per-column signatures, scipy's
+  ``linear_sum_assignment``; then as ``shielded-prior``). Both are compared with the public-prior floor
+  too. (The committed ``mid`` runs predate this: they aligned to the base's whole GEMM and took its
+  row scales, a weaker form.)
 
 Verdict per artifact and budget (SLIP-SEC's rule, the issue's 0.95 factor): the artifact HOLDS when
 the best attack that uses it reaches a perplexity >= 0.95 x the best artifact-free attack at the same
@@ -123,6 +134,8 @@ class ScaleConfig:
     eval_tokens: int = 1_048_576
     locks: tuple[str, ...] = ("perm", "block:32")
     weight_bits: int = 8             # of the shielded W_q (the committed runs: 8; `slip protect`'s default is 16)
+    # artifacts also attacked with top-K distillation only (what the host gets under the shipped top-K policy)
+    topk_artifacts: tuple[str, ...] = ()
     seed: int = 0
 
     @property
@@ -136,6 +149,12 @@ PRESETS = {
     # ~3.4 M parameters: the small scale, same grid (comparable with the CPU report's 5 M model).
     "small": ScaleConfig("small", hidden=256, layers=4, heads=4, inter=688, base_tokens=8_000_000,
                          finetune_tokens=2_000_000, lr=3e-3, finetune_lr=1e-3, lr_grid=(1e-3, 3e-3)),
+    # The CPU scale: the same grid, sized to run whole on the 2-core development machine (about an
+    # hour); it attacks the shipped defaults (16-bit W_q; top-20 rows for the shielded artifacts).
+    "cpu": ScaleConfig("cpu", hidden=128, layers=4, heads=4, inter=344, seq_len=256, batch=32,
+                       base_tokens=1_200_000, finetune_tokens=300_000, lr=3e-3, finetune_lr=1e-3,
+                       lr_grid=(1e-3, 3e-3), min_steps=16, eval_tokens=32_768, weight_bits=16,
+                       topk_artifacts=("shielded", "shielded+block:32")),
     # seconds on one CPU core: tests only.
     "tiny": ScaleConfig("tiny", hidden=64, layers=2, heads=2, inter=160, seq_len=64, batch=8, base_tokens=24_576,
                         finetune_tokens=8_192, lr=5e-3, finetune_lr=2e-3, lr_grid=(3e-3,), min_steps=2,
@@ -427,6 +446,7 @@ class Artifacts:
     max_rel_error: float
     seconds: float
     aligned: dict = field(default_factory=dict)   # lock -> (aligned W_q per GEMM, match quality)
+    base_residual: dict = field(default_factory=dict)  # the attacker's own split of the public base, per GEMM
 
 
 def build_artifacts(reference: ByteLlama, c: ScaleConfig, seed: int) -> Artifacts:
@@ -480,9 +500,10 @@ def _init_from_wq(model: ByteLlama, wq: dict[str, torch.Tensor], row_scales: dic
     with torch.no_grad():
         for key, g in model.gemms().items():
             w = wq[key].to(torch.float32)
-            if row_scales is not None:
-                g.weight.copy_(w.to(g.weight.device))
-                g.enable_row_scale(row_scales[key])
+            if row_scales is not None:   # W_q diag(s) as (W_q * mean s) * (s / mean s): same product, both
+                mean = row_scales[key].float().mean().clamp_min(1e-30)   # factors in Adam's working range
+                g.weight.copy_((w * mean).to(g.weight.device))
+                g.enable_row_scale(row_scales[key].float() / mean)
             else:
                 target = INIT_STD / math.sqrt(2 * model.cfg.layers) if key.endswith((".o", ".down")) else INIT_STD
                 g.weight.copy_((w * (target / w.pow(2).mean().sqrt().clamp_min(1e-12))).to(g.weight.device))
@@ -498,10 +519,22 @@ def _copy_public_prior(model: ByteLlama, base: ByteLlama) -> None:
             n.weight.copy_(bn[name].weight)
 
 
-def base_row_scales(base: ByteLlama, bits: int = 8) -> dict[str, torch.Tensor]:
-    """Per-row quantization scales the base model would have: the attacker's guess of the secret scales."""
+def base_residuals(base: ByteLlama, c: ScaleConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The public-prior attacker's own ``split`` of the base model (the public algorithm, its own randomness).
+
+    The locked / quantized GEMMs of the artifact are residuals, not whole matrices: the base's residual,
+    not the base's whole GEMM, is what they should resemble if the fine-tune moved the weights little.
+    """
+    policy = dec.RankPolicy(fraction=c.rank_fraction)
+    rng = _blinding_rng(0xA77AC + seed)
+    return {key: torch.cat([dec.split_matrix(w, policy, rng).public for w in parts], 0)
+            for key, parts in _fused_parts(base).items()}
+
+
+def base_row_scales(residuals: dict[str, torch.Tensor], bits: int = 8) -> dict[str, torch.Tensor]:
+    """Per-row quantization scales of the base's residuals: the attacker's guess of the secret scales."""
     qmax = 2 ** (bits - 1) - 1
-    return {k: g.weight.detach().float().cpu().abs().amax(1) / qmax for k, g in base.gemms().items()}
+    return {k: w.float().abs().amax(1) / qmax for k, w in residuals.items()}
 
 
 def _signature_rows(w: torch.Tensor) -> torch.Tensor:
@@ -551,6 +584,8 @@ def align_to_base(wq: torch.Tensor, w_base: torch.Tensor, rounds: int = 2) -> tu
 
 
 FLOOR_ATTACKS = ("scratch", "distill", "distill-relink", f"distill-top{TOP_K}")
+TOPK_SCENARIO = f"top-{TOP_K}"   # black-box access limited to the top-K logits (the shipped shielded policy)
+TOPK_FLOORS = ("scratch", f"distill-top{TOP_K}")   # the artifact-free attacks that need no more than that
 PRIOR_FLOOR = "base-distill"
 PRIOR_FLOORS = (PRIOR_FLOOR, "base-only")
 
@@ -559,7 +594,7 @@ PRIOR_FLOORS = (PRIOR_FLOOR, "base-only")
 class Row:
     attack: str
     artifact: str          # "none" for floors, "split", "shielded", "shielded+perm", ...
-    scenario: str          # "black-box" or "public-prior"
+    scenario: str          # "black-box", "public-prior" or TOPK_SCENARIO (black-box, top-K logits only)
     budget: float
     lr: float
     tokens: int
@@ -568,6 +603,7 @@ class Row:
     val_ppl: float
     train_seconds: float
     note: str = ""
+    wall_seconds: float = 0.0   # the whole row: attacker set-up (alignment included), training, scoring
 
 
 @dataclass
@@ -598,6 +634,8 @@ def attack_plan(c: ScaleConfig) -> list[tuple[str, str, str]]:
     for lk in c.locks:
         plan.append((f"{lk}-relink", f"shielded+{lk}", "black-box"))
     plan.append((f"distill-top{TOP_K}", "none", "black-box"))
+    for art in c.topk_artifacts:   # fine-tuning with only what the top-K policy returns
+        plan.append((f"{art.split('+', 1)[1] if '+' in art else art}-ft-top{TOP_K}", art, TOPK_SCENARIO))
     return plan
 
 
@@ -622,19 +660,22 @@ def _make_attacker(attack: str, artifact: str, c: ScaleConfig, arts: Artifacts, 
     lock = artifact.split("+", 1)[1] if "+" in artifact else "none"
     wq = arts.shielded_wq[lock]
     note = ""
+    prior = attack in ("shielded-prior",) or attack.endswith("-align")
+    if prior and not arts.base_residual:
+        arts.base_residual = base_residuals(base, c, seed=0)
     if attack.endswith("-align"):
         if lock not in arts.aligned:  # the alignment uses no training data: computed once per artifact
             aligned, qual = {}, []
-            for key, g in base.gemms().items():
-                aligned[key], q = align_to_base(wq[key], g.weight.detach().float().cpu())
+            for key in base.gemms():
+                aligned[key], q = align_to_base(wq[key], arts.base_residual[key])
                 qual.append(q["cosine_to_base"])
             arts.aligned[lock] = (aligned, qual)
         wq, qual = arts.aligned[lock]
-        note = f"aligned to the base (mean cosine to the base's GEMMs {np.mean(qual):.3f}); "
-    if attack in ("shielded-prior",) or attack.endswith("-align"):
-        _init_from_wq(model, wq, base_row_scales(base, c.weight_bits))
+        note = f"aligned to the base's own residual (mean row cosine after alignment {np.mean(qual):.3f}); "
+    if prior:
+        _init_from_wq(model, wq, base_row_scales(arts.base_residual, c.weight_bits))
         _copy_public_prior(model, base)
-        note += "W_q with the base's row scales, embedding and norms"
+        note += "W_q with the row scales of the base's residual, the base's embedding and norms"
     else:
         _init_from_wq(model, wq, None)
         note += "W_q scaled per matrix, learnable row scales, random embedding, unit norms"
@@ -650,7 +691,13 @@ def _make_attacker(attack: str, artifact: str, c: ScaleConfig, arts: Artifacts, 
 
 
 def verdicts(rows: list[dict], budgets) -> dict:
-    """Best (over learning rates and attacks) per artifact and budget against the floors."""
+    """Best (over learning rates and attacks) per artifact and budget against the floors.
+
+    Scenarios: ``black-box`` (floors FLOOR_ATTACKS; candidates every black-box attack, top-K ones included:
+    an attacker with full logits can always drop some), ``public-prior`` (floors also the public base;
+    candidates every attack), TOPK_SCENARIO (the shipped top-K policy: floors TOPK_FLOORS, candidates the
+    attacks that read only the top-K logits; judged only where such attacks ran).
+    """
     best: dict[tuple[str, str, float], dict] = {}
     for r in rows:
         k = (r["attack"], r["artifact"], r["budget"])
@@ -665,11 +712,15 @@ def verdicts(rows: list[dict], budgets) -> dict:
             continue
         floor = min(floors, key=lambda r: r["val_ppl"])
         floor_prior = min(floors + prior, key=lambda r: r["val_ppl"])
+        topk_floors = [v for v in floors if v["attack"] in TOPK_FLOORS]
+        floor_topk = min(topk_floors, key=lambda r: r["val_ppl"]) if topk_floors else None
+        allowed = {"black-box": ("black-box", TOPK_SCENARIO), TOPK_SCENARIO: (TOPK_SCENARIO,),
+                   "public-prior": ("black-box", TOPK_SCENARIO, "public-prior")}
         for art in artifacts:
-            for scen, fl in (("black-box", floor), ("public-prior", floor_prior)):
+            for scen, fl in (("black-box", floor), (TOPK_SCENARIO, floor_topk), ("public-prior", floor_prior)):
                 cand = [v for (a, aa, bb), v in best.items() if bb == b and aa == art
-                        and (v["scenario"] == "black-box" or scen == "public-prior")]
-                if not cand or (scen == "public-prior" and not prior):
+                        and v["scenario"] in allowed[scen]]
+                if not cand or fl is None or (scen == "public-prior" and not prior):
                     continue
                 att = min(cand, key=lambda r: r["val_ppl"])
                 ratio = att["val_ppl"] / fl["val_ppl"]
@@ -780,9 +831,10 @@ def run_grid(corpus_dir: Path, c: ScaleConfig, out: Path, *, device: str, deadli
         m = make_model(c, 0, dev)
         m.load_state_dict({k: v.to(dev) for k, v in state.items()})
         res.artifacts[f"{name}_alone_ppl"] = perplexity(m, val, c)
+    arts.base_residual = base_residuals(base, c, seed=0)
     for lock, wq in arts.shielded_wq.items():
         m = make_model(c, 0, dev)
-        _init_from_wq(m, wq, base_row_scales(base, c.weight_bits))
+        _init_from_wq(m, wq, base_row_scales(arts.base_residual, c.weight_bits))
         _copy_public_prior(m, base)
         res.artifacts[f"shielded+{lock}_with_base_glue_ppl" if lock != "none" else "shielded_with_base_glue_ppl"] = perplexity(m, val, c)
     log(f"artifacts in {arts.seconds:.1f} s: {json.dumps({k: v for k, v in res.artifacts.items() if k != 'ranks'})}")
@@ -821,10 +873,11 @@ def run_grid(corpus_dir: Path, c: ScaleConfig, out: Path, *, device: str, deadli
                 if attack in failed:
                     continue
                 seed = c.seed + 1000 + int(hashlib.sha256(attack.encode()).hexdigest()[:6], 16) + int(b * 1e4)
+                t_row = time.perf_counter()
                 try:
                     model, note, extra = _make_attacker(attack, artifact, c, arts, base, seed, dev)
                     objective = "ce" if attack == "scratch" else "kd"
-                    top_k = TOP_K if attack == f"distill-top{TOP_K}" else None
+                    top_k = TOP_K if attack.endswith(f"-top{TOP_K}") else None
                     lg = train(model, train_ids, max(1, round(b * c.reference_tokens)), lr=lr, c=c, seed=seed + 1,
                                objective=objective, teacher=reference if objective == "kd" else None, top_k=top_k,
                                extra_no_decay=tuple(extra))
@@ -835,7 +888,8 @@ def run_grid(corpus_dir: Path, c: ScaleConfig, out: Path, *, device: str, deadli
                     log(f"!! {res.notes[-1]}")
                     save()
                     continue
-                row = Row(attack, artifact, scenario, b, lr, lg.tokens, lg.steps, lg.batch, ppl, lg.seconds, note)
+                row = Row(attack, artifact, scenario, b, lr, lg.tokens, lg.steps, lg.batch, ppl, lg.seconds, note,
+                          wall_seconds=time.perf_counter() - t_row)
                 res.rows.append(dataclasses.asdict(row))
                 log(f"{attack:18s} {b:6.1%} lr {lr:.0e}: ppl {ppl:8.3f}  ({lg.tokens:,} tok, {lg.steps} steps, "
                     f"{lg.seconds:.1f} s, {lg.tokens / max(lg.seconds, 1e-9):,.0f} tok/s)")
@@ -871,20 +925,24 @@ def _device_name(dev: torch.device) -> str:
 
 
 def render_section(results: list[dict]) -> str:
-    L = [MARK_BEGIN, "## 5. Second scale on the GPU: every artifact attacked as published\n"]
+    L = [MARK_BEGIN, "## 5. The attack grid at two scales: every artifact attacked as published\n"]
     L.append("Generated by `python -m slip_vllm.evaluation.gpu_scale render` from the results files named below "
-             "(do not edit by hand); the runs are `python -m slip_vllm.evaluation.gpu_scale run` on one NVIDIA "
-             "H200 (command per file). Method: `slip_vllm/evaluation/gpu_scale.py` (module docstring). Rule: an "
+             "(do not edit by hand); the runs are `python -m slip_vllm.evaluation.gpu_scale run`, preset `cpu` on "
+             "the 2-core development machine and preset `mid` on one NVIDIA H200 (command and device per file). "
+             "Method: `slip_vllm/evaluation/gpu_scale.py` (module docstring). Rule: an "
              f"artifact **holds** at a budget when the best attack that uses it (best learning rate) reaches a "
              f"perplexity >= {HOLD_FACTOR} x the best artifact-free attack at the same budget; in the "
              "public-prior scenario the floor also includes the public base model as is and fine-tuned by distillation.\n")
     L.append("To regenerate: (1) on the development machine `python -m slip_vllm.evaluation.corpus --out "
-             ".cache/gpu_corpus` (the corpus, 10.5 MB of xz, carried to the GPU machine); (2) there `python -m "
-             "slip_vllm.evaluation.gpu_scale run --corpus .cache/gpu_corpus --preset mid --out "
+             ".cache/gpu_corpus` (the corpus, 10.5 MB of xz, carried to the GPU machine); (2) the CPU scale, here: "
+             "`python -m slip_vllm.evaluation.gpu_scale run --corpus .cache/gpu_corpus --preset cpu --out "
+             "docs/security_eval/gpu_scale_cpu.json` (about an hour on 2 cores); (3) the GPU scale, on the GPU "
+             "machine: `python -m slip_vllm.evaluation.gpu_scale run --corpus .cache/gpu_corpus --preset mid --out "
              "docs/security_eval/gpu_scale_mid.json` (the whole grid; about 15 min on one H200; each committed file "
-             "names the exact command of its part); (3) here `python -m slip_vllm.evaluation.gpu_scale render "
-             "--results docs/security_eval/gpu_scale_*.json --report docs/SECURITY_EVAL.md` (the CPU report "
-             "splices the same files back in whenever it is regenerated).\n")
+             "names the exact command of its part); (4) here `python -m slip_vllm.evaluation.gpu_scale render "
+             "--results docs/security_eval/gpu_scale_*.json --report docs/SECURITY_EVAL.md` (also refreshes the "
+             "grid's keys of `security_eval/results.json`; the CPU report splices the same files back in whenever "
+             "it is regenerated).\n")
     for r in results:
         r = finish_results(r)
         c = r["config"]
@@ -901,6 +959,7 @@ def render_section(results: list[dict]) -> str:
         L.extend(_render_body(r))
     for preset in sorted({r["preset"] for r in results}):
         L.extend(_render_combined(preset, [finish_results(r) for r in results if r["preset"] == preset]))
+    L.extend(_render_both(both_scales([finish_results(r) for r in results])))
     L.append("### Limits of these runs\n")
     L.extend(f"* {x}" for x in LIMITS)
     L.append("")
@@ -943,6 +1002,62 @@ def _render_combined(preset: str, runs: list[dict]) -> list[str]:
                  f"{100 * w['budget']:g} % ({w['scenario']}: {w['best_attack']} "
                  f"{w['attack_ppl']:.3f} vs {w['floor_attack']} {w['floor_ppl']:.3f}) |")
     L.append("")
+    return L
+
+
+def both_scales(runs: list[dict]) -> dict:
+    """The recommendation across scales: an artifact that holds at every budget of every preset, else the
+    strongest (largest worst ratio over every preset) and its gap. ``complete`` is False while some preset
+    lacks a budget for that artifact (then "holds everywhere" is not established)."""
+    per = {p: combine([r for r in runs if r["preset"] == p]) for p in sorted({r["preset"] for r in runs})}
+    arts = sorted({a for comb in per.values() for a in comb})
+    table = {}
+    for a in arts:
+        cells = {p: per[p].get(a) for p in per}
+        measured = [c for c in cells.values() if c is not None]
+        table[a] = {"per_preset": {p: None if c is None else {"holds_everywhere": c["holds_everywhere"],
+                                                              "every_budget": c["every_budget"],
+                                                              "worst_ratio": c["worst"]["ratio"]}
+                                   for p, c in cells.items()},
+                    "holds_everywhere": bool(measured) and all(c["holds_everywhere"] for c in measured),
+                    "complete": len(measured) == len(per) and all(c["every_budget"] for c in measured),
+                    "worst_ratio": min(c["worst"]["ratio"] for c in measured) if measured else None}
+    ok = [a for a, t in table.items() if t["holds_everywhere"] and t["complete"]]
+    if ok:
+        best = max(ok, key=lambda a: table[a]["worst_ratio"])
+        text = (f"{best} holds at every budget at every scale measured ({', '.join(per)}; worst ratio "
+                f"{table[best]['worst_ratio']:.3f} >= {HOLD_FACTOR})")
+        if len(ok) > 1:
+            text += "; also holding everywhere: " + ", ".join(a for a in ok if a != best)
+    elif table:
+        best = max(table, key=lambda a: table[a]["worst_ratio"] if table[a]["worst_ratio"] is not None else -1)
+        t = table[best]
+        text = (f"no artifact is shown to hold at every budget at every scale; the strongest is {best} (worst "
+                f"ratio {t['worst_ratio']:.3f}" + ("" if t["complete"] else ", not every budget measured at every scale")
+                + ")")
+    else:
+        best, text = None, "no artifact measured"
+    return {"presets": list(per), "artifacts": table, "recommended": best if ok else None, "strongest": best,
+            "text": text}
+
+
+def _render_both(b: dict) -> list[str]:
+    L = ["### Both scales together\n",
+         "Per artifact: holds at every budget of the preset (and whether every budget 0.1-30 % was measured), "
+         "worst ratio over budgets and scenarios.\n",
+         "| artifact | " + " | ".join(f"`{p}`" for p in b["presets"]) + " | everywhere |",
+         "|---|" + "---|" * len(b["presets"]) + "---|"]
+    for a, t in sorted(b["artifacts"].items(), key=lambda kv: -(kv[1]["worst_ratio"] or 0)):
+        cells = []
+        for p in b["presets"]:
+            c = t["per_preset"][p]
+            cells.append("not run" if c is None else
+                         f"{'holds' if c['holds_everywhere'] else '**fails**'} (worst {c['worst_ratio']:.3f}"
+                         f"{'' if c['every_budget'] else ', budgets missing'})")
+        L.append(f"| {a} | " + " | ".join(cells) + f" | {'holds' if t['holds_everywhere'] else '**fails**'}"
+                 f"{'' if t['complete'] else ' (incomplete)'} |")
+    L.append("")
+    L.append(f"**Recommendation across scales:** {b['text']}.\n")
     return L
 
 
@@ -1110,7 +1225,22 @@ def main(argv: list[str] | None = None) -> int:
         loaded.append(r)
     section = render_section(loaded)
     splice(args.report, section)
+    results_json = args.report.resolve().parent / "security_eval" / "results.json"
+    if results_json.exists():   # the claims in README / SECURITY read these keys
+        doc = json.loads(results_json.read_text())
+        doc.update(results_json_keys([finish_results(r) for r in loaded]))
+        results_json.write_text(json.dumps(doc, indent=1))
     return 0
+
+
+def results_json_keys(runs: list[dict]) -> dict:
+    """The grid's keys of security_eval/results.json (written by the CPU report and by ``render``)."""
+    return {"gpu_scale": [{"file": g.get("_file"), "preset": g["preset"], "device": g.get("device"),
+                           "reference": g["reference"], "verdicts": g["verdicts"],
+                           "recommendation": g["recommendation"]} for g in runs],
+            "gpu_scale_combined": {p: combine([g for g in runs if g["preset"] == p])
+                                   for p in sorted({g["preset"] for g in runs})},
+            "attack_grid_both_scales": both_scales(runs)}
 
 
 if __name__ == "__main__":

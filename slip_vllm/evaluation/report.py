@@ -470,9 +470,7 @@ def _write(run: Run, out: Path, images: Path, t_start: float) -> None:
         "command": run.command, "date": run.started.isoformat(), "machine": machine_description(),
         "total_seconds": total, "plan": run.plan, "sections": run.sections, "gaps": run.gaps,
         "results": {k: v for k, v in R.items() if k != "shielded_run"},
-        "gpu_scale": [{"file": g["_file"], "preset": g["preset"], "reference": g["reference"],
-                       "verdicts": g["verdicts"], "recommendation": g["recommendation"]} for g in gpu],
-        "gpu_scale_combined": _gpu_scale_combined(gpu),
+        **_gpu_scale_keys(gpu),
         "shielded_run": None if R.get("shielded_run") is None else {
             k: getattr(R["shielded_run"], k) for k in ("fraction", "p", "windows", "tokens", "host_rows", "host_calls",
                                                         "mask_rows_recorded", "mask_unique_rows", "mask_duplicates",
@@ -493,10 +491,10 @@ def _gpu_scale_results(images: Path) -> list[dict]:
     return out
 
 
-def _gpu_scale_combined(gpu: list[dict]) -> dict:
+def _gpu_scale_keys(gpu: list[dict]) -> dict:
     from slip_vllm.evaluation import gpu_scale
 
-    return {p: gpu_scale.combine([g for g in gpu if g["preset"] == p]) for p in sorted({g["preset"] for g in gpu})}
+    return gpu_scale.results_json_keys(gpu)
 
 
 def _verdict_rows(run: Run) -> list[list[str]]:

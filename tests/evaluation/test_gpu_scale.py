@@ -121,3 +121,55 @@ def test_micro_grid_runs_end_to_end(corpus, tmp_path):
     gs.splice(report, md)
     gs.splice(report, md)  # replaces, does not append twice
     assert report.read_text().count(gs.MARK_BEGIN) == 1 and report.read_text().startswith("# title")
+
+
+def test_top_k_scenario_uses_only_top_k_floors_and_attacks():
+    rows = [_row("scratch", "none", 0.1, 10.0), _row("distill", "none", 0.1, 7.0),
+            _row("distill-top20", "none", 0.1, 9.0),
+            _row("shielded-ft", "shielded", 0.1, 7.5),                           # full logits: black-box only
+            _row("shielded-ft-top20", "shielded", 0.1, 8.0, gs.TOPK_SCENARIO)]
+    v = gs.verdicts(rows, (0.1,))["shielded"]
+    top = v[gs.TOPK_SCENARIO]["0.1"]
+    assert top["floor_attack"] == "distill-top20" and top["best_attack"] == "shielded-ft-top20"
+    assert top["ratio"] == pytest.approx(8.0 / 9.0) and top["verdict"] == "fails"   # 0.889 < 0.95
+    bb = v["black-box"]["0.1"]   # an attacker with full logits may also drop them: top-K rows are candidates
+    assert bb["floor_attack"] == "distill" and bb["best_attack"] == "shielded-ft" and bb["verdict"] == "holds"
+    assert "shielded-ft-top20" in bb["attacks_run"]
+    # no top-K attack on split: no top-K verdict for it
+    assert gs.TOPK_SCENARIO not in gs.verdicts(rows + [_row("split-ft", "split", 0.1, 7.2)], (0.1,))["split"]
+
+
+def test_both_scales_recommends_only_what_holds_everywhere():
+    def run(preset, ppl_split, ppl_sh, budgets=gs.ALL_BUDGETS):
+        rows = []
+        for b in budgets:
+            rows += [_row("scratch", "none", b, 10.0), _row("split-ft", "split", b, ppl_split),
+                     _row("shielded-ft", "shielded", b, ppl_sh)]
+        v = gs.verdicts(rows, budgets)
+        return {"preset": preset, "verdicts": v}
+    b = gs.both_scales([run("cpu", 9.9, 11.0), run("mid", 9.0, 10.5)])
+    assert b["recommended"] == "shielded" and b["artifacts"]["split"]["holds_everywhere"] is False
+    assert b["artifacts"]["shielded"]["worst_ratio"] == pytest.approx(1.05) and b["artifacts"]["shielded"]["complete"]
+    partial = gs.both_scales([run("cpu", 9.9, 11.0), run("mid", 9.0, 10.5, budgets=(0.001, 0.01))])
+    assert partial["recommended"] is None and partial["strongest"] == "shielded"
+    assert "not every budget measured" in partial["text"]
+
+
+def test_public_prior_start_is_the_guess_and_trains(corpus, tmp_path):
+    """shielded-prior starts from W_q diag(guessed scales) = the base residual's quantization, in factors Adam can
+    move (16-bit W_q entries with raw 1e-6 scales diverged at the grid's rates)."""
+    c = dataclasses.replace(MICRO, weight_bits=16)
+    base = gs.make_model(c, 1, "cpu")
+    res = gs.base_residuals(base, c, seed=0)
+    arts = gs.build_artifacts(base, c, 0)   # the base protected as if it were the reference
+    model, _, extra = gs._make_attacker("shielded-prior", "shielded", c, arts, base, 5, torch.device("cpu"))
+    g = model.gemms()["layers.0.gate_up"]
+    assert g.row_scale is not None and g.row_scale.mean().item() == pytest.approx(1.0, rel=1e-5)
+    scales = gs.base_row_scales(res, 16)["layers.0.gate_up"]
+    want = arts.shielded_wq["none"]["layers.0.gate_up"].float() * scales[:, None]
+    assert torch.allclose(g.effective_weight().detach(), want, rtol=1e-5, atol=1e-9)
+    d, _ = corpus
+    train_b, _, _ = load_code_corpus(d)
+    data = torch.frombuffer(bytearray(train_b), dtype=torch.uint8)
+    lg = gs.train(model, data, 2048, lr=3e-3, c=c, seed=0, objective="kd", teacher=base, extra_no_decay=tuple(extra))
+    assert 0 < lg.final_loss < 20
