@@ -153,7 +153,7 @@ PRESETS = {
     # hour); it attacks the shipped defaults (16-bit W_q; top-20 rows for the shielded artifacts).
     "cpu": ScaleConfig("cpu", hidden=128, layers=4, heads=4, inter=344, seq_len=256, batch=32,
                        base_tokens=1_200_000, finetune_tokens=300_000, lr=3e-3, finetune_lr=1e-3,
-                       lr_grid=(1e-3, 3e-3), min_steps=16, eval_tokens=32_768, weight_bits=16,
+                       lr_grid=(1e-3, 3e-3, 1e-2), min_steps=16, eval_tokens=32_768, weight_bits=16,
                        topk_artifacts=("shielded", "shielded+block:32")),
     # seconds on one CPU core: tests only.
     "tiny": ScaleConfig("tiny", hidden=64, layers=2, heads=2, inter=160, seq_len=64, batch=8, base_tokens=24_576,
@@ -1065,38 +1065,32 @@ RESULTS_GLOB = "gpu_scale_*.json"
 
 # What the committed runs (docs/security_eval/gpu_scale_*.json) did not do; update with the runs.
 LIMITS = (
-    "The device time of one session (15 min for this grid) allowed two runs of the `mid` preset: the first "
-    "(every attack, rates 1e-3 and 3e-3) stopped at its limit after the 0.1 % and 1 % budgets (and part of the "
-    "alignment rows); the second ran 10 % and 30 % for the floors, the fine-tuning attacks and the public-prior "
-    "floor with one rate each (1e-3, the best at 1 % for every fine-tuning attack in the first run; "
-    "`base-distill` 3e-4, below the first run's best, which was its smallest rate); `base-distill` at 30 % was "
-    "cut by the limit. So the rates at 10 % and 30 % are not swept.",
-    "Relinking (`*-relink`, with its own floor `distill-relink`), top-20 distillation and `block:32-align` ran "
-    "only at 0.1 %, `perm-align` at 0.1 % and (one rate) 1 %; there none was better than plain fine-tuning of the "
-    "same artifact. Whether relinking or alignment gains at 1-30 % is not measured.",
-    "Two rates are a small sweep: several best rates sit at an edge of the grid (scratch and split-ft at 3e-3 "
-    "at 0.1 %; every attack at 1e-3 at 1 %), so the optimum of each attacker is not established.",
-    "One seed per row and no repeats: the run-to-run spread is not measured, so ratios within a few per cent "
-    "of each other (e.g. `shielded` vs `shielded+block:32`) do not rank the artifacts. GPU training is not "
-    "bit-reproducible: the two runs' reference models differ slightly (validation 3.645 vs 3.629), which is "
-    "why each cell is judged against its own run's floor.",
-    "Even at 30 % (9 M bytes) every attacker is far from the reference (best 7.6 vs 3.63 per byte): a head "
-    "start that appears only closer to convergence is not tested by these budgets.",
-    "The alignment attack as implemented matched the locked GEMMs to the base's poorly (mean row cosine 0.13 "
-    "after alignment): it compares the residual, which lacks the top singular part, with the whole base "
-    "matrix. Matching against the base's own residual (its top-k part removed) would be the stronger form; it "
-    "is not run, so the alignment rows are a weak lower bound on that attack.",
-    "Public-prior scenario: the base alone is within 6 % of the reference (3.85-3.88 vs 3.63-3.65), so the "
-    "secret part of the fine-tune is small and this scenario's verdicts say little beyond 'no artifact attack "
-    "beat the public base model'.",
-    "The shielded artifacts here carry int8 W_q and every artifact attack reads the teacher's full logits. "
-    "While this grid ran, `slip protect --protocol shielded` moved to 16-bit W_q by default and the service to "
-    "a top-20 logits policy by default: 16-bit artifacts (`weight_bits=16`) and artifact attacks limited to the "
-    "top-20 logits were not run (the top-20 floor `distill-top20` was, at 0.1 % only, where it was no better "
-    "than full-logit distillation).",
-    "The `small` preset (3.4 M parameters, the same grid) was not run: no device time was left. The CPU "
-    "report's section 4 (5 M-parameter BPE model) is the small scale, with the older attack set (its "
-    "distillation starts from the residual and only `split` is attacked there).",
+    "Preset `cpu` (0.86 M parameters, the 2-core development machine, 48.5 min): every attack at every budget, "
+    "rates 1e-3, 3e-3 and 1e-2 at 0.1 / 1 / 10 % and the best 10 % rate at 30 %; 16-bit W_q and top-20 rows for "
+    "`shielded` and `block:32` (the shipped defaults). CPU training is bit-reproducible: the run was stopped once "
+    "after the 0.1 % rows of the first two rates and resumed with the third (`--resume`; same reference weights "
+    "hash). Its reference is weak (perplexity 9.95 per byte) and its budgets are few optimizer steps (5, 20, 19, "
+    "55 at 0.1, 1, 10, 30 %): a head start that shows only with more steps or closer to convergence is not tested.",
+    "Preset `mid` (39 M parameters, one H200): the device time of one session (15 min for this grid) allowed two "
+    "runs: the first (every attack, rates 1e-3 and 3e-3) stopped at its limit after the 0.1 % and 1 % budgets "
+    "(and part of the alignment rows); the second ran 10 % and 30 % for the floors, the fine-tuning attacks and "
+    "the public-prior floor with one rate each (1e-3, the best at 1 % for every fine-tuning attack in the first "
+    "run; `base-distill` 3e-4); `base-distill` at 30 % was cut by the limit. So at `mid` the rates at 10 % and "
+    "30 % are not swept, and relinking, top-20 distillation and `block:32-align` ran only at 0.1 % (`perm-align` "
+    "at 0.1 % and, one rate, 1 %). The `mid` files predate the 16-bit default, the top-20 artifact attacks and "
+    "the alignment to the attacker's own split of the base: they carry int8 W_q, full-logit attackers and the "
+    "weaker alignment to the base's whole GEMMs (mean row cosine 0.13 after alignment). No device was lent in "
+    "the session that ran the `cpu` grid, so `mid` was not completed: at `mid`, 'holds at every budget' rests "
+    "on plain fine-tuning alone at 10 % and 30 %.",
+    "At `cpu` the strongest floor is often `distill-relink` (a random initialisation with learnable A W B on "
+    "every GEMM): over-parametrised linear maps train faster in few steps, so without that floor the relinking "
+    "attacks would have been credited with the parametrisation's own gain.",
+    "One seed per row and no repeats at either scale: the run-to-run spread is not measured, so ratios within a "
+    "few per cent of each other (`shielded` 0.98, `perm` 1.00, `block:32` 1.01 at `cpu`) do not rank the "
+    "artifacts; `perm` and the unlocked artifact hold by margins smaller than that unmeasured spread.",
+    "Public-prior scenario: the base alone is within 5-6 % of the reference at both scales (10.43 vs 9.95 at "
+    "`cpu`, 3.85-3.88 vs 3.63-3.65 at `mid`), so the secret part of the fine-tune is small and this scenario's "
+    "verdicts say little beyond 'no artifact attack beat the public base model'.",
 )
 
 
