@@ -16,8 +16,8 @@ Sections, in order (each timed; a section that raises is reported as a gap, neve
      checkpoint), (b) split extraction, recorded shielded run, (c) shielded extraction, (d) mask
      freshness;
   4. recovery attacks at the attack rank fraction, then the public-prior attack;
-  5. the rank recommendation (needs 2 and 4), plots, the markdown; then the GPU-scale section
-     (:mod:`~slip_vllm.evaluation.gpu_scale`, measured on a GPU by its own command) is spliced back in
+  5. the rank recommendation (needs 2 and 4), plots, the markdown; then the two-scale attack grid
+     (:mod:`~slip_vllm.evaluation.gpu_scale`, measured by its own command, `cpu` here and `mid` on a GPU) is spliced back in
      from the ``security_eval/gpu_scale_*.json`` files beside results.json, which also gains their verdicts.
 
 Presets: the default uses the FULL reference model and must fit 60 minutes on the 2-core development
