@@ -149,8 +149,8 @@ PRESETS = {
     # ~3.4 M parameters: the small scale, same grid (comparable with the CPU report's 5 M model).
     "small": ScaleConfig("small", hidden=256, layers=4, heads=4, inter=688, base_tokens=8_000_000,
                          finetune_tokens=2_000_000, lr=3e-3, finetune_lr=1e-3, lr_grid=(1e-3, 3e-3)),
-    # The CPU scale: the same grid, sized to run whole on the 2-core development machine (about an
-    # hour); it attacks the shipped defaults (16-bit W_q; top-20 rows for the shielded artifacts).
+    # The CPU scale: the same grid, sized to run whole on the 2-core development machine (48.5 min
+    # measured); it attacks the shipped defaults (16-bit W_q; top-20 rows for the shielded artifacts).
     "cpu": ScaleConfig("cpu", hidden=128, layers=4, heads=4, inter=344, seq_len=256, batch=32,
                        base_tokens=1_200_000, finetune_tokens=300_000, lr=3e-3, finetune_lr=1e-3,
                        lr_grid=(1e-3, 3e-3, 1e-2), min_steps=16, eval_tokens=32_768, weight_bits=16,
@@ -936,7 +936,7 @@ def render_section(results: list[dict]) -> str:
     L.append("To regenerate: (1) on the development machine `python -m slip_vllm.evaluation.corpus --out "
              ".cache/gpu_corpus` (the corpus, 10.5 MB of xz, carried to the GPU machine); (2) the CPU scale, here: "
              "`python -m slip_vllm.evaluation.gpu_scale run --corpus .cache/gpu_corpus --preset cpu --out "
-             "docs/security_eval/gpu_scale_cpu.json` (about an hour on 2 cores); (3) the GPU scale, on the GPU "
+             "docs/security_eval/gpu_scale_cpu.json` (about 50 min on 2 cores); (3) the GPU scale, on the GPU "
              "machine: `python -m slip_vllm.evaluation.gpu_scale run --corpus .cache/gpu_corpus --preset mid --out "
              "docs/security_eval/gpu_scale_mid.json` (the whole grid; about 15 min on one H200; each committed file "
              "names the exact command of its part); (4) here `python -m slip_vllm.evaluation.gpu_scale render "
